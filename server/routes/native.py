@@ -1,0 +1,88 @@
+"""The seed's native API: ``POST /generate``, JSON or server-sent events."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request, Response
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from server.deps import ServiceDep
+from server.engine.types import FinalEvent, FinishReason, RequestHandle, TokenEvent
+from server.errors import ERROR_RESPONSES, ErrorDetail
+from server.protocol import (
+    DoneChunk,
+    ErrorChunk,
+    GenerateRequest,
+    GenerateResponse,
+    TimingsInfo,
+    TokenChunk,
+    UsageInfo,
+)
+from server.serving import ClientDisconnected, GenerationService
+
+router = APIRouter(tags=["generate"])
+
+STREAM_DOC = {
+    "description": "With `stream: true`: server-sent events. Each `token` event carries a TokenChunk, the last "
+    "`done` event a DoneChunk; an error after the stream began comes as an `error` event (ErrorChunk).",
+    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+}
+
+# 499 (client closed request) is only logged: the client is gone and reads nothing.
+CLIENT_CLOSED = 499
+
+
+def _finish_reason(final: FinalEvent) -> str:
+    return "length" if final.finish_reason is FinishReason.LENGTH else "stop"
+
+
+@router.post(
+    "/generate",
+    response_model=GenerateResponse,
+    responses={**ERROR_RESPONSES, 200: STREAM_DOC},
+    summary="Generate a continuation of a prompt",
+)
+async def generate(body: GenerateRequest, request: Request, service: ServiceDep) -> GenerateResponse | Response:
+    request_id = service.new_id("gen")
+    gen_request = await service.build(
+        body.prompt,
+        max_tokens=body.max_length,
+        sampling=body.to_sampling(),
+        stop=body.stop_strings(),
+        request_id=request_id,
+    )
+    handle = service.submit(gen_request)
+    if body.stream:
+        return EventSourceResponse(_sse(service, handle))
+    try:
+        final = await service.complete(handle, request.is_disconnected)
+    except ClientDisconnected:
+        return Response(status_code=CLIENT_CLOSED)
+    return GenerateResponse(
+        id=request_id,
+        model=service.model_name,
+        text=final.text,
+        finish_reason=_finish_reason(final),  # type: ignore[arg-type]
+        usage=UsageInfo.of(final),
+        timings=TimingsInfo.of(final),
+    )
+
+
+async def _sse(service: GenerationService, handle: RequestHandle) -> AsyncIterator[ServerSentEvent]:
+    async for event in service.stream(handle):
+        if isinstance(event, TokenEvent):
+            if event.text:
+                yield ServerSentEvent(data=TokenChunk(text=event.text).model_dump_json(), event="token")
+        elif isinstance(event, FinalEvent):
+            done = DoneChunk(
+                id=handle.request.request_id,
+                model=service.model_name,
+                finish_reason=_finish_reason(event),  # type: ignore[arg-type]
+                usage=UsageInfo.of(event),
+                timings=TimingsInfo.of(event),
+            )
+            yield ServerSentEvent(data=done.model_dump_json(), event="done")
+        else:
+            error = ErrorChunk(error=ErrorDetail(message=event.message, type="server_error"))
+            yield ServerSentEvent(data=error.model_dump_json(), event="error")

@@ -1,0 +1,82 @@
+"""Operations: liveness, readiness, metrics, model information."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+
+from server.deps import EngineDep, MetricsDep, ServiceDep
+from server.engine.core import EngineState
+from server.errors import ErrorResponse, unavailable
+
+router = APIRouter(tags=["operations"])
+
+
+class HealthResponse(BaseModel):
+    status: str
+    engine: str
+
+
+class ReadyResponse(BaseModel):
+    status: str
+    model: str
+    slots: int
+    slots_busy: int
+    queue_depth: int
+
+
+class InfoResponse(BaseModel):
+    model: str
+    path: str
+    description: str
+    architecture: str
+    n_params: int
+    size_bytes: int
+    n_ctx_train: int
+    ctx_size: int
+    slot_ctx: int
+    parallel: int
+    chat_template: str | None
+
+
+@router.get("/health", response_model=HealthResponse, responses={503: {"model": ErrorResponse}})
+async def health(engine: EngineDep) -> HealthResponse:
+    """Liveness: the process answers and its engine thread is alive (loading counts as alive)."""
+    if engine.state is EngineState.FAILED:
+        raise unavailable(f"engine failed: {engine.load_error}", code="engine_failed")
+    return HealthResponse(status="ok", engine=engine.state.value)
+
+
+@router.get("/ready", response_model=ReadyResponse, responses={503: {"model": ErrorResponse}})
+async def ready(engine: EngineDep, service: ServiceDep) -> ReadyResponse:
+    """Readiness: 200 once the model is loaded and requests are taken; 503 before, and while shutting down."""
+    if engine.state is not EngineState.READY or engine.draining:
+        raise unavailable(engine.not_ready_reason(), code=engine.state.value)
+    return ReadyResponse(
+        status="ready",
+        model=service.model_name,
+        slots=engine.settings.parallel,
+        slots_busy=engine.busy_slots(),
+        queue_depth=engine.queue_depth(),
+    )
+
+
+@router.get("/info", response_model=InfoResponse, responses={503: {"model": ErrorResponse}})
+async def info(engine: EngineDep, service: ServiceDep) -> InfoResponse:
+    """The loaded model and how the server runs it."""
+    if engine.info is None:
+        raise unavailable(engine.not_ready_reason(), code=engine.state.value)
+    i = engine.info
+    s = engine.settings
+    return InfoResponse(
+        model=service.model_name, path=i.path, description=i.description, architecture=i.architecture,
+        n_params=i.n_params, size_bytes=i.size_bytes, n_ctx_train=i.n_ctx_train, ctx_size=s.ctx_size,
+        slot_ctx=s.slot_ctx, parallel=s.parallel, chat_template=i.chat_template,
+    )
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+async def metrics(m: MetricsDep) -> Response:
+    """Prometheus metrics."""
+    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

