@@ -80,6 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_config=None, access_log=False,
         timeout_graceful_shutdown=None,
+        proxy_headers=False,  # client addresses are not used; one middleware less per streamed event
     )
     server = uvicorn.Server(config)
     server.run()

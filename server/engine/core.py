@@ -296,7 +296,7 @@ class Engine:
         for slot in self._slots:
             a = slot.active
             if a is not None and not a.prefilling:
-                outputs.append((slot, batch.add([a.last_token], a.n_past, slot.seq_id, True)))
+                outputs.append((slot, batch.add_one(a.last_token, a.n_past, slot.seq_id)))
                 added.append((slot, [a.last_token]))
         for slot in sorted((s for s in self._slots if s.active and s.active.prefilling),
                            key=lambda s: s.active.handle.arrived):  # type: ignore[union-attr]

@@ -233,6 +233,15 @@ class Batch:
               for i in range(capacity)]
         )
         self.n_tokens = 0
+        self._struct = llama_cpp.llama_batch(
+            n_tokens=0,
+            token=self.token.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token)),
+            embd=None,
+            pos=self.pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos)),
+            n_seq_id=self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            seq_id=self._seq_ptrs,
+            logits=self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
+        )
 
     def clear(self) -> None:
         self.n_tokens = 0
@@ -256,13 +265,19 @@ class Batch:
         self.n_tokens = i + n
         return i + n - 1
 
+    def add_one(self, token: int, pos: int, seq_id: int) -> int:
+        """Append one token that wants logits (a decoding step); returns its batch index."""
+        i = self.n_tokens
+        if i >= self.capacity:
+            raise ValueError("batch is full")
+        self.token[i] = token
+        self.pos[i] = pos
+        self.seq_id[i] = seq_id
+        self.logits[i] = 1
+        self.n_tokens = i + 1
+        return i
+
     def struct(self) -> llama_cpp.llama_batch:
-        return llama_cpp.llama_batch(
-            n_tokens=self.n_tokens,
-            token=self.token.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token)),
-            embd=None,
-            pos=self.pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos)),
-            n_seq_id=self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
-            seq_id=self._seq_ptrs,
-            logits=self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
-        )
+        """The C struct, pointing at this object's buffers (valid while it lives)."""
+        self._struct.n_tokens = self.n_tokens
+        return self._struct

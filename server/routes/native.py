@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request, Response
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import ServerSentEvent
 
 from server.deps import ServiceDep
 from server.engine.types import FinalEvent, FinishReason, RequestHandle, TokenEvent
@@ -20,6 +20,7 @@ from server.protocol import (
     UsageInfo,
 )
 from server.serving import ClientDisconnected, GenerationService
+from server.sse import TokenEventSourceResponse
 
 router = APIRouter(tags=["generate"])
 
@@ -54,7 +55,7 @@ async def generate(body: GenerateRequest, request: Request, service: ServiceDep)
     )
     handle = service.submit(gen_request)
     if body.stream:
-        return EventSourceResponse(_sse(service, handle))
+        return TokenEventSourceResponse(_sse(service, handle))
     try:
         final = await service.complete(handle, request.is_disconnected)
     except ClientDisconnected:

@@ -1,0 +1,143 @@
+"""Helpers shared by the benchmark scripts: starting a server, streaming from it, summarizing."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def running(cmd: list[str], ready_url: str, *, env: dict[str, str] | None = None,
+            timeout: float = 120.0) -> Iterator[subprocess.Popen[bytes]]:
+    """Start a server process, wait until ``ready_url`` answers 200, stop it afterwards."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO,
+                            env={**os.environ, **(env or {})})
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd[0]} exited: {proc.stderr.read().decode(errors='replace')[-2000:]}")
+            try:
+                if httpx.get(ready_url, timeout=1.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{cmd} not ready after {timeout}s")
+            time.sleep(0.2)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def our_server_cmd(port: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port), *extra]
+
+
+@dataclass
+class StreamResult:
+    tokens: int  # events that carried a token
+    ttft_s: float  # request sent -> first token event
+    decode_s: float  # first -> last token event
+    total_s: float
+    text: str
+
+    @property
+    def decode_tps(self) -> float:
+        return (self.tokens - 1) / self.decode_s if self.decode_s > 0 and self.tokens > 1 else 0.0
+
+
+def stream_generate(client: httpx.Client, prompt: str, max_tokens: int) -> StreamResult:
+    """One streamed ``/generate`` request, timed at the client."""
+    body = {"prompt": prompt, "max_length": max_tokens, "temperature": 0, "stream": True}
+    return _timed_stream(client, "/generate", body, lambda kind, data: data.get("text") if kind == "token" else None)
+
+
+def stream_openai_completion(client: httpx.Client, prompt: str, max_tokens: int) -> StreamResult:
+    """One streamed OpenAI ``/v1/completions`` request (llama_cpp.server and others), timed at the client."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+
+    def text_of(_kind: str, data: dict[str, object]) -> str | None:
+        choices = data.get("choices") or []
+        return str(choices[0].get("text") or "") if choices else None  # type: ignore[index,union-attr]
+
+    return _timed_stream(client, "/v1/completions", body, text_of)
+
+
+def iter_sse(response: httpx.Response) -> Iterator[tuple[str, str]]:
+    """(event, data) pairs of a server-sent event stream: a small parser, so that the load generator's own
+    CPU time per event stays low (on a 2-core machine it competes with the server it measures)."""
+    buffer = b""
+    for chunk in response.iter_raw():
+        buffer += chunk.replace(b"\r\n", b"\n")
+        while b"\n\n" in buffer:
+            block, buffer = buffer.split(b"\n\n", 1)
+            event, data = "message", []
+            for line in block.decode().split("\n"):
+                if line.startswith("data:"):
+                    data.append(line[5:].lstrip(" "))
+                elif line.startswith("event:"):
+                    event = line[6:].strip()
+            if data:
+                yield event, "\n".join(data)
+
+
+def _timed_stream(client: httpx.Client, path: str, body: dict[str, object], text_of) -> StreamResult:  # type: ignore[no-untyped-def]
+    start = time.perf_counter()
+    first = last = None
+    n = 0
+    parts: list[str] = []
+    with client.stream("POST", path, json=body, headers={"accept": "text/event-stream"}) as response:
+        response.raise_for_status()
+        for event, data in iter_sse(response):
+            if data == "[DONE]":
+                break
+            text = text_of(event, json.loads(data))
+            if text is None:
+                continue
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            n += 1
+            parts.append(text)
+    end = time.perf_counter()
+    first = first or end
+    return StreamResult(tokens=n, ttft_s=first - start, decode_s=(last or end) - first, total_s=end - start,
+                        text="".join(parts))
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")

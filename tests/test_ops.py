@@ -1,0 +1,111 @@
+"""Liveness, readiness, docs, metrics; start-up failures; the serve command and its settings."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from server.cli import build_parser, settings_from_args
+from server.model_files import ModelFileError, resolve_model_path
+from tests.conftest import REPO, start_server, stop_server
+
+
+def test_health_and_ready_report_the_engine(http: httpx.Client) -> None:
+    assert http.get("/health").json() == {"status": "ok", "engine": "ready"}
+    ready = http.get("/ready").json()
+    assert ready["status"] == "ready" and ready["model"] == "SmolLM2-135M-Instruct.Q4_1" and ready["slots"] == 4
+
+
+def test_info_reports_the_model(http: httpx.Client) -> None:
+    info = http.get("/info").json()
+    assert info["architecture"] == "llama"
+    assert 130_000_000 < info["n_params"] < 140_000_000
+    assert info["n_ctx_train"] == 8192 and info["slot_ctx"] == 2048
+    assert "<|im_start|>" in info["chat_template"]
+
+
+def test_docs_redoc_and_openapi(http: httpx.Client) -> None:
+    assert "swagger-ui" in http.get("/docs").text
+    assert "redoc" in http.get("/redoc").text.lower()
+    spec = http.get("/openapi.json").json()
+    assert {"/generate", "/health", "/ready", "/metrics"} <= set(spec["paths"])
+    schema = spec["components"]["schemas"]["GenerateRequest"]
+    assert {"prompt", "max_length", "temperature"} <= set(schema["properties"])
+
+
+def test_metrics_count_requests_and_tokens(http: httpx.Client) -> None:
+    def counter(text: str, name: str) -> float:
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+    before = http.get("/metrics").text
+    http.post("/generate", json={"prompt": "Count:", "max_length": 7, "temperature": 0})
+    after = http.get("/metrics").text
+    assert counter(after, "llama_generated_tokens_total") - counter(before, "llama_generated_tokens_total") >= 1
+    assert counter(after, "llama_prompt_tokens_total") > counter(before, "llama_prompt_tokens_total")
+    assert "llama_slots_total 4.0" in after
+    assert "llama_time_to_first_token_seconds_bucket" in after
+
+
+def test_ready_is_503_with_a_body_and_serve_exits_nonzero_when_the_model_cannot_load(tmp_path: Path) -> None:
+    broken = tmp_path / "truncated.gguf"
+    broken.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 64)  # the magic, then nothing usable
+    server = start_server(tmp_path, "--model-path", str(broken), wait_ready=False)
+    try:
+        code = server.process.wait(60)
+    finally:
+        stop_server(server)
+    assert code == 1
+    log = server.log()
+    assert "llama-inference: error: " in log and "could not load" in log
+
+
+def test_ready_stays_503_in_process_when_the_model_fails(
+    tmp_path: Path, make_client: Callable[..., TestClient]
+) -> None:
+    broken = tmp_path / "truncated.gguf"
+    broken.write_bytes(b"GGUF" + b"\x00" * 16)
+    client = make_client(model_path=broken)
+    resp = client.get("/ready")
+    assert resp.status_code == 503
+    assert "failed to load" in resp.json()["error"]["message"]
+    assert client.get("/health").status_code == 503
+    assert client.post("/generate", json={"prompt": "hi"}).status_code == 503
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model-path", "/nonexistent/model.gguf"], "model file not found: /nonexistent/model.gguf"),
+        (["--model-path", str(REPO / "pyproject.toml")], "not a GGUF file"),
+        (["--port", "0"], "invalid setting port"),
+        (["--parallel", "64", "--ctx-size", "512"], "tokens per slot"),
+    ],
+)
+def test_serve_refuses_bad_start_up_with_one_line(args: list[str], message: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "server", "serve", *args], capture_output=True, text=True,
+                          timeout=60, cwd=REPO)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_settings_come_from_env_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PORT", "9001")
+    monkeypatch.setenv("N_THREADS", "3")
+    args = build_parser().parse_args(["serve", "--parallel", "2", "--no-flash-attn"])
+    settings = settings_from_args(args)
+    assert (settings.port, settings.n_threads, settings.parallel, settings.flash_attn) == (9001, 3, 2, False)
+    assert settings.host == "127.0.0.1"
+
+
+def test_default_model_is_the_embedded_smollm2() -> None:
+    path = resolve_model_path(None)
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 90_000_000
+    with pytest.raises(ModelFileError, match="not found"):
+        resolve_model_path(Path("/no/such.gguf"))
