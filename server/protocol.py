@@ -33,6 +33,12 @@ class GenerateRequest(BaseModel):
     stop: list[str] | str | None = Field(default=None, description="Stop before any of these strings.")
     seed: int | None = Field(default=None, ge=0, le=2**32 - 2, description="Sampling seed, for repeatable output.")
     stream: bool = Field(default=False, description="Answer with server-sent events, one per token.")
+    cache_prompt: bool = Field(
+        default=True,
+        description="Reuse the KV cache of a slot whose tokens share a prefix with this prompt. Greedy output "
+        "can differ in late tokens from an uncached run, as llama.cpp's kernels round differently for one "
+        "token than for a batch of them.",
+    )
 
     @field_validator("stop")
     @classmethod

@@ -48,6 +48,7 @@ class GenerationService:
         stop: tuple[str, ...] = (),
         request_id: str = "",
         max_tokens_param: str = "max_length",
+        cache_prompt: bool = True,
     ) -> GenerationRequest:
         """Tokenize and check a request against the limits and the context, before it takes a slot."""
         if max_tokens is not None and max_tokens > self.settings.max_tokens_limit:
@@ -73,7 +74,8 @@ class GenerationService:
                 param=max_tokens_param, code="context_length_exceeded",
             )
         return GenerationRequest(
-            prompt_tokens=tokens, max_tokens=max_tokens, sampling=sampling, stop=stop, request_id=request_id
+            prompt_tokens=tokens, max_tokens=max_tokens, sampling=sampling, stop=stop, request_id=request_id,
+            cache_prompt=cache_prompt,
         )
 
     def submit(self, request: GenerationRequest) -> RequestHandle:

@@ -268,8 +268,11 @@ class Engine:
         prompt = handle.request.prompt_tokens
         # Reuse the free slot whose cached tokens share the longest prefix with this prompt; else the one
         # unused the longest. At least one prompt token is always decoded, to get logits for the first sample.
-        slot = max(free, key=lambda s: (_common_prefix(s.tokens, prompt), -s.last_used))
-        keep = min(_common_prefix(slot.tokens, prompt), len(prompt) - 1)
+        if handle.request.cache_prompt:
+            slot = max(free, key=lambda s: (_common_prefix(s.tokens, prompt), -s.last_used))
+            keep = min(_common_prefix(slot.tokens, prompt), len(prompt) - 1)
+        else:
+            slot, keep = min(free, key=lambda s: s.last_used), 0
         self._ctx.seq_rm(slot.seq_id, keep, -1)
         del slot.tokens[keep:]
         sampler = Sampler(handle.request.sampling)

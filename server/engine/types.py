@@ -28,6 +28,7 @@ class GenerationRequest:
     sampling: SamplingParams
     stop: tuple[str, ...] = ()
     request_id: str = ""
+    cache_prompt: bool = True  # reuse a slot's KV for a shared prompt prefix
 
 
 @dataclass(frozen=True)

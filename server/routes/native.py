@@ -52,6 +52,7 @@ async def generate(body: GenerateRequest, request: Request, service: ServiceDep)
         sampling=body.to_sampling(),
         stop=body.stop_strings(),
         request_id=request_id,
+        cache_prompt=body.cache_prompt,
     )
     handle = service.submit(gen_request)
     if body.stream:
