@@ -71,9 +71,9 @@ class StreamResult:
         return (self.tokens - 1) / self.decode_s if self.decode_s > 0 and self.tokens > 1 else 0.0
 
 
-def stream_generate(client: httpx.Client, prompt: str, max_tokens: int) -> StreamResult:
+def stream_generate(client: httpx.Client, prompt: str, max_tokens: int, ignore_eos: bool = False) -> StreamResult:
     """One streamed ``/generate`` request, timed at the client."""
-    body = {"prompt": prompt, "max_length": max_tokens, "temperature": 0, "stream": True}
+    body = {"prompt": prompt, "max_length": max_tokens, "temperature": 0, "stream": True, "ignore_eos": ignore_eos}
     return _timed_stream(client, "/generate", body, lambda kind, data: data.get("text") if kind == "token" else None)
 
 

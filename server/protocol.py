@@ -33,6 +33,9 @@ class GenerateRequest(BaseModel):
     stop: list[str] | str | None = Field(default=None, description="Stop before any of these strings.")
     seed: int | None = Field(default=None, ge=0, le=2**32 - 2, description="Sampling seed, for repeatable output.")
     stream: bool = Field(default=False, description="Answer with server-sent events, one per token.")
+    ignore_eos: bool = Field(
+        default=False, description="Keep generating past end-of-text tokens until max_length (for benchmarks)."
+    )
     cache_prompt: bool = Field(
         default=True,
         description="Reuse the KV cache of a slot whose tokens share a prefix with this prompt. Greedy output "

@@ -49,6 +49,7 @@ class GenerationService:
         request_id: str = "",
         max_tokens_param: str = "max_length",
         cache_prompt: bool = True,
+        ignore_eos: bool = False,
     ) -> GenerationRequest:
         """Tokenize and check a request against the limits and the context, before it takes a slot."""
         if max_tokens is not None and max_tokens > self.settings.max_tokens_limit:
@@ -75,7 +76,7 @@ class GenerationService:
             )
         return GenerationRequest(
             prompt_tokens=tokens, max_tokens=max_tokens, sampling=sampling, stop=stop, request_id=request_id,
-            cache_prompt=cache_prompt,
+            cache_prompt=cache_prompt, ignore_eos=ignore_eos,
         )
 
     def submit(self, request: GenerationRequest) -> RequestHandle:

@@ -86,7 +86,7 @@ def test_dropped_stream_frees_its_slot_and_the_next_request_is_served(
     cancelled_before = metric(http.get("/metrics").text, "llama_requests_total", 'outcome="cancelled"')
     with httpx.Client(base_url=live_server.url, timeout=60) as client:
         with client.stream("POST", "/generate", json={"prompt": "Tell me a long story.", "max_length": 1500,
-                                                      "stream": True}) as response:
+                                                      "ignore_eos": True, "stream": True}) as response:
             seen = 0
             for line in response.iter_lines():
                 if line.startswith("data:"):
@@ -104,7 +104,8 @@ def test_dropped_stream_frees_its_slot_and_the_next_request_is_served(
 def test_client_that_gives_up_on_a_plain_request_cancels_it(http: httpx.Client, live_server: LiveServer) -> None:
     cancelled_before = metric(http.get("/metrics").text, "llama_requests_total", 'outcome="cancelled"')
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(live_server.url + "/generate", json={"prompt": "Write an essay.", "max_length": 2000},
+        httpx.post(live_server.url + "/generate", json={"prompt": "Write an essay.", "max_length": 2000,
+                                                            "ignore_eos": True},
                    timeout=0.5)
     assert wait_for_metric(http, "llama_slots_busy", 0.0) == 0.0
     assert metric(http.get("/metrics").text, "llama_requests_total", 'outcome="cancelled"') == cancelled_before + 1

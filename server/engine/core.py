@@ -339,7 +339,7 @@ class Engine:
         elif a.last_token_at is not None:
             self.metrics.inter_token.observe(now - a.last_token_at)
         a.last_token_at = now
-        if self.model.is_eog(token):
+        if self.model.is_eog(token) and not a.handle.request.ignore_eos:
             self._finish(slot, FinishReason.STOP)
             return
         a.n_generated += 1

@@ -29,6 +29,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     request_id: str = ""
     cache_prompt: bool = True  # reuse a slot's KV for a shared prompt prefix
+    ignore_eos: bool = False  # generate max_tokens even past end-of-generation tokens (benchmarks)
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ async def generate(body: GenerateRequest, request: Request, service: ServiceDep)
         stop=body.stop_strings(),
         request_id=request_id,
         cache_prompt=body.cache_prompt,
+        ignore_eos=body.ignore_eos,
     )
     handle = service.submit(gen_request)
     if body.stream:
