@@ -15,7 +15,7 @@ from server.engine.core import Engine, EngineState
 from server.errors import install_error_handlers
 from server.metrics import Metrics
 from server.model_files import resolve_model_path
-from server.routes import native, ops
+from server.routes import native, openai, ops
 from server.serving import GenerationService
 from server.settings import Settings
 
@@ -56,6 +56,7 @@ def create_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = N
     )
     install_error_handlers(app)
     app.include_router(native.router)
+    app.include_router(openai.router)
     app.include_router(ops.router)
     return app
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -74,9 +75,14 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
 }
 
 
+# Pydantic names the branch of a union it tried ('str', 'list[int]'...) in an error's location; the client
+# only needs the field's path.
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|[a-z-]+\[.*\]|[A-Z]\w*)$")
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _TYPE_TAG.match(str(p))]
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid request")
     return (f"{param}: {msg}" if param else msg), param

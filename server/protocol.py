@@ -21,7 +21,9 @@ class GenerateRequest(BaseModel):
         json_schema_extra={"examples": [{"prompt": "Once upon a time", "max_length": 50, "temperature": 0.7}]},
     )
 
-    prompt: str = Field(min_length=1, description="Text to continue.")
+    prompt: str | list[int] = Field(
+        min_length=1, description="Text to continue, or the token ids of a prompt already tokenized."
+    )
     max_length: int | None = Field(
         default=None, ge=1, description="Tokens to generate (not counting the prompt). Unset: the server default."
     )

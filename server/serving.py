@@ -6,10 +6,12 @@ Routes stay thin and call this object; tests can drive it without HTTP.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from server.engine.core import Engine, EngineNotReady, EngineOverloaded
+from server.chat import ChatFormatter, ChatTemplateError, load_template
+from server.engine.core import Engine, EngineNotReady, EngineOverloaded, EngineState
 from server.engine.sampling import SamplingParams
 from server.engine.types import ErrorEvent, Event, FinalEvent, GenerationRequest, RequestHandle
 from server.errors import APIError, bad_request, overloaded, unavailable
@@ -27,6 +29,8 @@ class GenerationService:
         self.engine = engine
         self.settings = settings
         self.model_name = model_name
+        self._chat: ChatFormatter | None = None
+        self.created = int(time.time())  # the model's "created" in the OpenAI API: when this server started
 
     @staticmethod
     def new_id(prefix: str) -> str:
@@ -39,9 +43,37 @@ class GenerationService:
         except EngineNotReady as exc:
             raise unavailable(str(exc)) from exc
 
+    async def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        """The chat prompt rendered with the model's template and tokenized (off the event loop)."""
+        formatter = self.chat_formatter()
+        try:
+            return await asyncio.to_thread(formatter.tokenize, messages)
+        except ChatTemplateError as exc:
+            raise bad_request(str(exc), param="messages", code="invalid_chat") from exc
+
+    def chat_formatter(self) -> ChatFormatter:
+        if self._chat is None:
+            model = self.engine.model
+            if model is None or self.engine.state is not EngineState.READY:
+                raise unavailable(self.engine.not_ready_reason())
+            template = load_template(self.settings.chat_template, model)
+            if not template:
+                raise bad_request("this model has no chat template; set CHAT_TEMPLATE or use /v1/completions",
+                                  param="messages", code="no_chat_template")
+            self._chat = ChatFormatter(template, model)
+        return self._chat
+
+    def _check_token_ids(self, tokens: list[int]) -> list[int]:
+        n_vocab = self.engine.model.n_vocab if self.engine.model is not None else 0
+        bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise bad_request(f"token id {bad} is outside the vocabulary (0..{n_vocab - 1})", param="prompt",
+                              code="invalid_value")
+        return list(tokens)
+
     async def build(
         self,
-        prompt: str,
+        prompt: str | list[int],
         *,
         max_tokens: int | None,
         sampling: SamplingParams,
@@ -57,7 +89,9 @@ class GenerationService:
                 f"{max_tokens_param} is {max_tokens}; this server allows at most {self.settings.max_tokens_limit}",
                 param=max_tokens_param, code="invalid_value",
             )
-        tokens = await self.tokenize(prompt)
+        tokens = await self.tokenize(prompt) if isinstance(prompt, str) else self._check_token_ids(prompt)
+        if not tokens:
+            raise bad_request("the prompt is empty", param="prompt", code="invalid_value")
         n_ctx = self.engine.slot_ctx
         if len(tokens) >= n_ctx:
             raise bad_request(

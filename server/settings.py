@@ -36,6 +36,11 @@ class Settings(BaseSettings):
         default=None, description="Model name shown by the API. Unset: the GGUF file's name without '.gguf'."
     )
 
+    chat_template: str | None = Field(
+        default=None,
+        description="Jinja chat template (file path or text) for /v1/chat/completions. Unset: the GGUF's own.",
+    )
+
     # HTTP
     host: str = Field(default="127.0.0.1", description="Address to listen on (0.0.0.0 in a pod).")
     port: int = Field(default=8000, ge=1, le=65535, description="TCP port to listen on.")

@@ -148,6 +148,16 @@ class LlamaModel:
     def detokenize(self, tokens: list[int]) -> str:
         return b"".join(self.token_to_piece(t) for t in tokens).decode("utf-8", "replace")
 
+    def control_token_texts(self) -> list[str]:
+        """The text of every control token (``<|im_end|>``, ``</s>``...), to keep user text from forging them."""
+        texts = []
+        for token in range(self.n_vocab):
+            if llama_cpp.llama_vocab_get_attr(self.vocab, token) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL:
+                text = self.token_to_piece(token, special=True).decode("utf-8", "replace")
+                if text:
+                    texts.append(text)
+        return texts
+
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
