@@ -8,7 +8,7 @@
 # Python threads is about 3x slower.
 #
 # The wheel is cached in a folder named after the version *and* the flags, outside pip's own cache,
-# and installed with --no-index from there, so no cache can hand back a wheel built with other flags.
+# and installed from that file, so no cache can hand back a wheel built with other flags.
 set -euo pipefail
 
 PYTHON="${PYTHON:-.venv/bin/python}"
@@ -37,4 +37,5 @@ else
     echo ">> using cached llama-cpp-python $VERSION wheel built with CMAKE_ARGS=\"$CMAKE_ARGS\""
 fi
 
-"$PYTHON" -m pip install --force-reinstall --no-deps --no-index --find-links "$wheel_dir" "llama-cpp-python==$VERSION"
+# Install that very file: no index, link or cache lookup can substitute another build.
+"$PYTHON" -m pip install --force-reinstall --no-deps --no-index "$wheel_dir"/llama_cpp_python-"$VERSION"-*.whl

@@ -57,6 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.app import create_app
     from server.logs import configure_logging
     from server.model_files import ModelFileError
+    from server.runner import DrainingServer
 
     try:
         settings = settings_from_args(args)
@@ -79,10 +80,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-        timeout_graceful_shutdown=None,
+        timeout_graceful_shutdown=5,
         proxy_headers=False,  # client addresses are not used; one middleware less per streamed event
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, app, settings.drain_timeout_s)
     server.run()
     if fatal:
         return _fail(fatal[0])

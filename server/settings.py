@@ -74,6 +74,11 @@ class Settings(BaseSettings):
         default=256, ge=1, le=1 << 20, description="Tokens to generate when a request does not say."
     )
 
+    drain_timeout_s: float = Field(
+        default=30.0, ge=0.0, le=3600.0,
+        description="On SIGTERM, how long requests in flight may take to finish before the server exits.",
+    )
+
     # Logging
     log_level: str = Field(default="info", pattern="^(debug|info|warning|error)$", description="Log level.")
     log_json: bool = Field(default=False, description="Write logs as JSON lines.")

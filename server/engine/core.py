@@ -136,6 +136,11 @@ class Engine:
     def slot_ctx(self) -> int:
         return self.settings.slot_ctx
 
+    def in_flight(self) -> int:
+        """Requests accepted and not finished: running or waiting for a slot."""
+        with self._lock:
+            return self._in_flight
+
     def busy_slots(self) -> int:
         return sum(1 for s in self._slots if s.active is not None)
 

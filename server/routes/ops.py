@@ -52,7 +52,7 @@ async def health(engine: EngineDep) -> HealthResponse:
 async def ready(engine: EngineDep, service: ServiceDep) -> ReadyResponse:
     """Readiness: 200 once the model is loaded and requests are taken; 503 before, and while shutting down."""
     if engine.state is not EngineState.READY or engine.draining:
-        raise unavailable(engine.not_ready_reason(), code=engine.state.value)
+        raise unavailable(engine.not_ready_reason(), code="draining" if engine.draining else engine.state.value)
     return ReadyResponse(
         status="ready",
         model=service.model_name,
