@@ -12,6 +12,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from convert.cli import add_commands as add_pipeline_commands
+from convert.cli import run_pipeline_command
 from server.settings import Settings
 
 log = logging.getLogger("llama_inference")
@@ -98,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="Run the HTTP server.", description="Run the HTTP server.")
     add_settings_flags(serve)
     serve.set_defaults(handler=cmd_serve)
+    add_pipeline_commands(sub)
     return parser
 
 
@@ -105,7 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args.handler
-    return handler(args)
+    if args.command == "serve":
+        return handler(args)
+    return run_pipeline_command(handler, args)
 
 
 def run() -> None:

@@ -1,0 +1,1 @@
+"""The model pipeline: fetch Hugging Face weights, convert them to GGUF, quantize, verify."""

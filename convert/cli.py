@@ -1,0 +1,81 @@
+"""``llama-inference fetch | convert | quantize | verify``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from convert.errors import PipelineError
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from convert.fetch import fetch
+
+    path = fetch(args.repo_id, Path(args.out), revision=args.revision)
+    print(path)
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from convert.converter import convert
+
+    out = convert(Path(args.hf_dir), Path(args.out), outtype=args.outtype, vocab_pre=args.vocab_pre,
+                  progress=not args.quiet)
+    print(out)
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from convert.quantize import quantize
+
+    print(quantize(Path(args.src), Path(args.dst), args.type, threads=args.threads))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from convert.verify import verify
+
+    text = Path(args.perplexity).read_text() if args.perplexity else None
+    report = verify(Path(args.file), perplexity_text=text, threads=args.threads)
+    print("\n".join(report.lines()))
+    return 0 if report.tokenizer_round_trip and report.generation.strip() else 1
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("fetch", help="Download a pinned Hugging Face revision (config, safetensors, tokenizer).")
+    p.add_argument("repo_id", help="e.g. meta-llama/Llama-2-7b-hf")
+    p.add_argument("--revision", default="main", help="branch, tag or commit; pin a commit for reproducibility")
+    p.add_argument("--out", required=True, help="directory to download into (resumes if partly there)")
+    p.set_defaults(handler=_fetch)
+
+    p = sub.add_parser("convert", help="Convert a Hugging Face checkpoint directory to GGUF.")
+    p.add_argument("hf_dir")
+    p.add_argument("--outtype", default="f16", choices=["f16", "bf16", "f32"])
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--vocab-pre", default=None, help="llama.cpp BPE pre-tokenizer name, if not detected")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_convert)
+
+    p = sub.add_parser("quantize", help="Quantize a GGUF file with llama.cpp's quantizer.")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--type", default="Q4_K_M", help="Q4_K_M (default), Q4_0, Q4_1, Q5_K_M, Q6_K, Q8_0, F16")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.set_defaults(handler=_quantize)
+
+    p = sub.add_parser("verify", help="Load a GGUF, print what it is, check its tokenizer, generate a little.")
+    p.add_argument("file")
+    p.add_argument("--perplexity", metavar="TEXT_FILE", default=None, help="compute perplexity over this text")
+    p.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 4))
+    p.set_defaults(handler=_verify)
+
+
+def run_pipeline_command(handler, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(handler(args))
+    except PipelineError as exc:
+        print(f"llama-inference: error: {exc}", file=__import__("sys").stderr)
+        return 1
