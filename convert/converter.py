@@ -127,7 +127,7 @@ def convert(
         with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
             for t in tensors:
                 bar.set_postfix_str(t.name)
-                data = hooks.transform(t.name, t.ref.load())
+                data = hooks.transform(t.name, t.ref.load(keep_f16=t.qtype == gguf.GGMLQuantizationType.F16))
                 writer.write_tensor_data(_encode(data, t.qtype))
                 del data
                 bar.update(t.ref.nbytes)

@@ -30,14 +30,17 @@ class TensorRef:
     offset: int  # absolute byte offset in the file
     nbytes: int
 
-    def load(self) -> np.ndarray:
-        """The tensor as float32 (BF16 widened), read through a private memory map that is closed after."""
+    def load(self, keep_f16: bool = False) -> np.ndarray:
+        """The tensor as float32 (BF16 widened), or as float16 if it is stored so and ``keep_f16`` (which
+        halves the memory of an F16 -> F16 conversion). Read through a private memory map, closed after."""
         kind = DTYPES[self.dtype]
         count = int(np.prod(self.shape)) if self.shape else 1
         mapped = np.memmap(self.path, dtype=kind, mode="r", offset=self.offset, shape=(count,))
         try:
             if self.dtype == "BF16":
                 out = (mapped.astype(np.uint32) << 16).view(np.float32)
+            elif self.dtype == "F16" and keep_f16:
+                out = np.array(mapped)
             else:
                 out = np.array(mapped, dtype=np.float32)
         finally:

@@ -1,0 +1,296 @@
+"""The model pipeline end to end with real models: convert, quantize, verify; and errors that leave nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from llama_cpp import Llama
+
+from convert.safetensors_io import write_safetensors
+from tests.conftest import REPO
+from tests.hf_fixtures import checkpoint_from_gguf
+
+PARAGRAPHS = [
+    "The lighthouse stood on the edge of the cliff, its beam sweeping across the dark water every twelve "
+    "seconds. Sailors had trusted it for 150 years.",
+    "def fibonacci(n: int) -> int:\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "Prices rose 3.75% in 2024; naïve forecasts missed it. Émile said: «c'est la vie» — 日本語のテキストも。 🎉",
+    "<|im_start|>user\nHello there!<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "server", *args], capture_output=True, text=True, timeout=600,
+                          cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def smol_hf(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Path:
+    return checkpoint_from_gguf(model_path, tmp_path_factory.mktemp("smol-hf"))
+
+
+@pytest.fixture(scope="module")
+def smol_f32(tmp_path_factory: pytest.TempPathFactory, smol_hf: Path) -> Path:
+    out = tmp_path_factory.mktemp("smol-gguf") / "smol-f32.gguf"
+    proc = run_cli("convert", str(smol_hf), "--outtype", "f32", "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def load(path: Path, **kwargs: object) -> Llama:
+    return Llama(str(path), n_ctx=512, n_threads=2, verbose=False, **kwargs)  # type: ignore[arg-type]
+
+
+def greedy(llm: Llama, prompt: str, n: int) -> list[int]:
+    tokens = llm.tokenize(prompt.encode())
+    out: list[int] = []
+    for token in llm.generate(tokens, temp=0.0, top_k=1):
+        if llm.token_eos() == token or len(out) >= n:
+            break
+        out.append(token)
+    return out
+
+
+def test_converted_smollm2_tokenizes_like_the_original(smol_f32: Path, model_path: Path) -> None:
+    original, converted = load(model_path, vocab_only=True), load(smol_f32, vocab_only=True)
+    try:
+        for text in PARAGRAPHS:
+            for special in (False, True):
+                assert converted.tokenize(text.encode(), special=special) == \
+                    original.tokenize(text.encode(), special=special)
+        assert converted.metadata["tokenizer.chat_template"] == original.metadata["tokenizer.chat_template"]
+        for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.pre",
+                    "llama.rope.freq_base", "llama.context_length", "llama.attention.head_count_kv"):
+            assert converted.metadata[key] == original.metadata[key], key
+    finally:
+        original.close()
+        converted.close()
+
+
+def test_requantized_to_q4_1_it_generates_the_original_greedy_text(smol_f32: Path, model_path: Path,
+                                                                   tmp_path: Path) -> None:
+    q41 = tmp_path / "smol-q4_1.gguf"
+    proc = run_cli("quantize", str(smol_f32), str(q41), "--type", "Q4_1", "--threads", "2")
+    assert proc.returncode == 0, proc.stderr
+    original, converted = load(model_path), load(q41)
+    try:
+        for prompt in ("Once upon a time", "The three primary colors are", "def quicksort(items):"):
+            want = greedy(original, prompt, 40)
+            assert len(want) >= 32
+            assert greedy(converted, prompt, 40) == want
+    finally:
+        original.close()
+        converted.close()
+
+
+def test_q8_0_quantization_loads_and_generates_coherent_text(smol_f32: Path, model_path: Path,
+                                                            tmp_path: Path) -> None:
+    q8 = tmp_path / "smol-q8_0.gguf"
+    assert run_cli("quantize", str(smol_f32), str(q8), "--type", "Q8_0").returncode == 0
+    assert q8.stat().st_size < smol_f32.stat().st_size / 3
+    proc = run_cli("verify", str(q8))
+    assert proc.returncode == 0, proc.stderr
+    report = dict(line.split(None, 1) for line in proc.stdout.splitlines())
+    assert report["architecture"] == "llama" and report["quantization"] == "Q8_0"
+    assert report["tokenizer_round_trip"] == "True"
+    assert len(report["sha256"]) == 64
+    original, converted = load(model_path), load(q8)
+    try:
+        text = converted.detokenize(greedy(converted, "Once upon a time", 32)).decode()
+        assert len(text.split()) >= 15 and sum(c.isalpha() for c in text) > len(text) / 2
+        # Q8_0 of the same weights starts the same story.
+        assert greedy(converted, "Once upon a time", 8) == greedy(original, "Once upon a time", 8)
+    finally:
+        original.close()
+        converted.close()
+
+
+# ---- A tiny random LLaMA with a SentencePiece tokenizer, checked against numpy ----
+
+TRAIN_TEXT = " ".join(PARAGRAPHS[:3]) * 3 + " " + " ".join(
+    f"The {w} of the {v} is {n} and the {v} of the {w} was {n + 1}." for w, v, n in
+    [("sea", "ship", 3), ("harbour", "light", 7), ("keeper", "tower", 11), ("storm", "night", 19)]
+) * 20
+
+
+@pytest.fixture(scope="module")
+def tiny_spm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import sentencepiece as spm
+
+    d = tmp_path_factory.mktemp("tiny-spm")
+    corpus = d / "corpus.txt"
+    corpus.write_text("\n".join(TRAIN_TEXT.split(". ")))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(d / "tokenizer"), vocab_size=400, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
+        add_dummy_prefix=True, remove_extra_whitespaces=False, split_digits=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+    )
+    vocab = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model")).vocab_size()
+    config = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": vocab,
+              "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+              "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
+    (d / "config.json").write_text(json.dumps(config))
+    (d / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "add_eos_token": False}))
+    rng = np.random.default_rng(7)
+    e, f, hd = 64, 128, 16
+    weights: dict[str, np.ndarray] = {
+        "model.embed_tokens.weight": rng.normal(0, 0.5, (vocab, e)),
+        "model.norm.weight": 1 + rng.normal(0, 0.1, e),
+        "lm_head.weight": rng.normal(0, 0.2, (vocab, e)),
+    }
+    for i in range(2):
+        p = f"model.layers.{i}."
+        weights |= {
+            p + "input_layernorm.weight": 1 + rng.normal(0, 0.1, e),
+            p + "post_attention_layernorm.weight": 1 + rng.normal(0, 0.1, e),
+            p + "self_attn.q_proj.weight": rng.normal(0, 0.3, (4 * hd, e)),
+            p + "self_attn.k_proj.weight": rng.normal(0, 0.3, (2 * hd, e)),
+            p + "self_attn.v_proj.weight": rng.normal(0, 0.3, (2 * hd, e)),
+            p + "self_attn.o_proj.weight": rng.normal(0, 0.2, (e, 4 * hd)),
+            p + "mlp.gate_proj.weight": rng.normal(0, 0.2, (f, e)),
+            p + "mlp.up_proj.weight": rng.normal(0, 0.2, (f, e)),
+            p + "mlp.down_proj.weight": rng.normal(0, 0.2, (e, f)),
+        }
+    write_safetensors(d / "model.safetensors", {k: v.astype(np.float32) for k, v in weights.items()}, "F32")
+    return d
+
+
+def hf_llama_forward(d: Path, tokens: list[int]) -> np.ndarray:
+    """Hugging Face's LlamaForCausalLM forward pass in numpy (rotate-half RoPE, GQA), all positions' logits."""
+    from convert.safetensors_io import Checkpoint
+
+    w = {t.name: t.load().astype(np.float64) for t in Checkpoint(d)}
+    cfg = json.loads((d / "config.json").read_text())
+    n_head, n_kv, eps = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["rms_norm_eps"]
+    hd = cfg["hidden_size"] // n_head
+    t = len(tokens)
+
+    def rms(x: np.ndarray, g: np.ndarray) -> np.ndarray:
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g
+
+    inv = 1.0 / cfg["rope_theta"] ** (np.arange(0, hd, 2) / hd)
+    ang = np.arange(t)[:, None] * inv[None, :]
+    cos, sin = np.cos(np.concatenate([ang, ang], -1))[:, None], np.sin(np.concatenate([ang, ang], -1))[:, None]
+
+    def rope(x: np.ndarray) -> np.ndarray:
+        rotated = np.concatenate([-x[..., hd // 2:], x[..., : hd // 2]], -1)
+        return x * cos + rotated * sin
+
+    h = w["model.embed_tokens.weight"][tokens]
+    mask = np.triu(np.full((t, t), -np.inf), 1)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        x = rms(h, w[p + "input_layernorm.weight"])
+        q = rope((x @ w[p + "self_attn.q_proj.weight"].T).reshape(t, n_head, hd))
+        k = rope((x @ w[p + "self_attn.k_proj.weight"].T).reshape(t, n_kv, hd))
+        v = (x @ w[p + "self_attn.v_proj.weight"].T).reshape(t, n_kv, hd)
+        k, v = np.repeat(k, n_head // n_kv, axis=1), np.repeat(v, n_head // n_kv, axis=1)
+        scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd) + mask
+        att = np.exp(scores - scores.max(-1, keepdims=True))
+        att /= att.sum(-1, keepdims=True)
+        o = np.einsum("hqk,khd->qhd", att, v).reshape(t, n_head * hd)
+        h = h + o @ w[p + "self_attn.o_proj.weight"].T
+        x = rms(h, w[p + "post_attention_layernorm.weight"])
+        gate = x @ w[p + "mlp.gate_proj.weight"].T
+        h = h + ((gate / (1 + np.exp(-gate))) * (x @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
+    return rms(h, w["model.norm.weight"]) @ w["lm_head.weight"].T
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_spm: Path) -> Iterator[Path]:
+    out = tiny_spm / "tiny-f32.gguf"
+    proc = run_cli("convert", str(tiny_spm), "--outtype", "f32", "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    yield out
+
+
+def test_tiny_llama_logits_match_a_numpy_hf_forward_pass(tiny_gguf: Path, tiny_spm: Path) -> None:
+    llm = Llama(str(tiny_gguf), n_ctx=64, n_threads=2, logits_all=True, flash_attn=False, type_k=0, type_v=0,
+                verbose=False)  # type 0 = F32 KV cache, so llama.cpp keeps full precision
+    try:
+        tokens = llm.tokenize(b"The keeper of the light is 7 and the storm was 20.")
+        llm.eval(tokens)
+        got = np.array(llm.scores[: len(tokens)])
+    finally:
+        llm.close()
+    want = hf_llama_forward(tiny_spm, tokens)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-3)
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_tiny_llama_tokenizes_like_sentencepiece(tiny_gguf: Path, tiny_spm: Path) -> None:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_spm / "tokenizer.model"))
+    llm = Llama(str(tiny_gguf), vocab_only=True, verbose=False)
+    try:
+        for text in ["The sea of the ship is 3.", "harbour light keeper tower", "Storm night 19 and 2024!",
+                     "unseen wörds zzz"]:
+            assert llm.tokenize(text.encode(), add_bos=True) == [1, *sp.encode(text)], text
+    finally:
+        llm.close()
+
+
+# ---- Bad input: one line, non-zero exit, no output file ----
+
+
+def _break(case: str, src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    if case == "missing config":
+        (dst / "config.json").unlink()
+    elif case == "unsupported architecture":
+        cfg = json.loads((dst / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPTNeoXForCausalLM"]}))
+    elif case == "truncated safetensors":
+        data = (dst / "model.safetensors").read_bytes()
+        (dst / "model.safetensors").write_bytes(data[: len(data) - 5000])
+    elif case == "corrupt safetensors":
+        (dst / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    elif case == "wrong shape":
+        cfg = json.loads((dst / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 96}))
+    elif case == "missing tokenizer":
+        (dst / "tokenizer.model").unlink()
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing config", "has no config.json"),
+        ("unsupported architecture", "unsupported architecture ['GPTNeoXForCausalLM']"),
+        ("truncated safetensors", "truncated"),
+        ("corrupt safetensors", "corrupt safetensors header"),
+        ("wrong shape", "expected [96, 64]"),
+        ("missing tokenizer", "no tokenizer"),
+    ],
+)
+def test_bad_checkpoints_fail_with_one_line_and_no_output(tiny_spm: Path, tmp_path: Path, case: str,
+                                                          message: str) -> None:
+    broken = _break(case, tiny_spm, tmp_path / "broken")
+    out = tmp_path / "out" / "model.gguf"
+    out.parent.mkdir()
+    proc = run_cli("convert", str(broken), "--out", str(out), "--quiet")
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("llama-inference: error:") and message in lines[0], proc.stderr
+    assert list(out.parent.iterdir()) == []  # no output, no temporary file
+
+
+def test_output_in_a_missing_directory_is_refused(tiny_spm: Path, tmp_path: Path) -> None:
+    proc = run_cli("convert", str(tiny_spm), "--out", str(tmp_path / "nope" / "model.gguf"))
+    assert proc.returncode == 1 and "output directory does not exist" in proc.stderr
+    proc = run_cli("quantize", str(tmp_path / "missing.gguf"), str(tmp_path / "q.gguf"))
+    assert proc.returncode == 1 and "model file not found" in proc.stderr
+    assert not (tmp_path / "q.gguf").exists()
