@@ -54,7 +54,12 @@ class ModelHooks:
         raise NotImplementedError
 
     def transform(self, gguf_name: str, data: np.ndarray) -> np.ndarray:
+        """Rewrite a block of rows (a whole number of :meth:`row_multiple`) into llama.cpp's layout."""
         return data
+
+    def row_multiple(self, gguf_name: str) -> int:
+        """Rows that :meth:`transform` must see together (1: any split of the rows is fine)."""
+        return 1
 
 
 def _require(config: dict[str, Any], key: str) -> Any:
@@ -131,11 +136,12 @@ class LlamaHooks(ModelHooks):
     def transform(self, gguf_name: str, data: np.ndarray) -> np.ndarray:
         # Hugging Face's q/k projections rotate halves (the first half of each head's dims pairs with the
         # second); llama.cpp's LLaMA RoPE rotates adjacent pairs. Reorder each head's rows to match.
-        if gguf_name.endswith("attn_q.weight"):
-            return rotate_half_to_interleaved(data, self.n_head)
-        if gguf_name.endswith("attn_k.weight"):
-            return rotate_half_to_interleaved(data, self.n_head_kv)
+        if gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+            return rotate_half_to_interleaved(data, data.shape[0] // self.head_dim)
         return data
+
+    def row_multiple(self, gguf_name: str) -> int:
+        return self.head_dim if gguf_name.endswith(("attn_q.weight", "attn_k.weight")) else 1
 
 
 def rotate_half_to_interleaved(weight: np.ndarray, n_heads: int) -> np.ndarray:

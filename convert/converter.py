@@ -7,12 +7,14 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
+from gguf.gguf_writer import WriterState
 from tqdm import tqdm
 
 from convert.architectures import ModelHooks, hooks_for
@@ -75,12 +77,41 @@ def plan(hooks: ModelHooks, checkpoint: Checkpoint, outtype: str) -> list[Planne
     return [planned[n] for n in wanted]  # GGUF order: embeddings, then layer by layer
 
 
+CHUNK_BYTES = 32 * 2**20  # float32 working memory per block of rows
+
+
 def _encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     if qtype == gguf.GGMLQuantizationType.F32:
         return data.astype(np.float32, copy=False)
     if qtype == gguf.GGMLQuantizationType.F16:
-        return data.astype(np.float16)
+        return data.astype(np.float16, copy=False)
     return gguf.quants.quantize(data, qtype)  # BF16, as bytes
+
+
+def _write_streamed(writer: gguf.GGUFWriter, blocks: Iterator[np.ndarray]) -> None:
+    """Write the next tensor's data block by block. It mirrors ``GGUFWriter.write_tensor_data``, which wants
+    the whole tensor at once (gguf 0.19 has no streaming call), so that memory stays at one block."""
+    fout = writer.fout[0]  # type: ignore[index]
+    name = next(iter(writer.tensors[0]))
+    info = writer.tensors[0].pop(name)
+    writer.write_padding(fout, fout.tell())
+    written = 0
+    for block in blocks:
+        block.tofile(fout)
+        written += block.nbytes
+    if written != info.nbytes:
+        raise PipelineError(f"tensor {name}: wrote {written} bytes, expected {info.nbytes}")
+    writer.write_padding(fout, info.nbytes)
+    writer.state = WriterState.WEIGHTS
+
+
+def _blocks(t: PlannedTensor, hooks: ModelHooks) -> Iterator[np.ndarray]:
+    row_bytes = 4 * (int(np.prod(t.ref.shape[1:])) if len(t.ref.shape) > 1 else 1)
+    multiple = hooks.row_multiple(t.name)
+    rows = max(multiple, CHUNK_BYTES // row_bytes // multiple * multiple)
+    keep_f16 = t.qtype == gguf.GGMLQuantizationType.F16
+    for block in t.ref.chunks(rows, keep_f16=keep_f16):
+        yield _encode(hooks.transform(t.name, block), t.qtype)
 
 
 def _nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
@@ -127,9 +158,7 @@ def convert(
         with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
             for t in tensors:
                 bar.set_postfix_str(t.name)
-                data = hooks.transform(t.name, t.ref.load(keep_f16=t.qtype == gguf.GGMLQuantizationType.F16))
-                writer.write_tensor_data(_encode(data, t.qtype))
-                del data
+                _write_streamed(writer, _blocks(t, hooks))
                 bar.update(t.ref.nbytes)
         writer.close()
         os.replace(tmp, out)

@@ -30,6 +30,20 @@ class TensorRef:
     offset: int  # absolute byte offset in the file
     nbytes: int
 
+    def chunks(self, rows: int, keep_f16: bool = False) -> Iterator[np.ndarray]:
+        """The tensor in blocks of ``rows`` rows (the last may be shorter), each read through its own memory
+        map that is closed before the next: memory stays at one block, whatever the tensor's size."""
+        if len(self.shape) < 2:
+            yield self.load(keep_f16)
+            return
+        row_items = int(np.prod(self.shape[1:]))
+        itemsize = np.dtype(DTYPES[self.dtype]).itemsize
+        for first in range(0, self.shape[0], rows):
+            n = min(rows, self.shape[0] - first)
+            part = TensorRef(self.name, self.dtype, (n, *self.shape[1:]), self.path,
+                             self.offset + first * row_items * itemsize, n * row_items * itemsize)
+            yield part.load(keep_f16)
+
     def load(self, keep_f16: bool = False) -> np.ndarray:
         """The tensor as float32 (BF16 widened), or as float16 if it is stored so and ``keep_f16`` (which
         halves the memory of an F16 -> F16 conversion). Read through a private memory map, closed after."""
