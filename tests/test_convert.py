@@ -12,17 +12,9 @@ import numpy as np
 import pytest
 from llama_cpp import Llama
 
-from convert.safetensors_io import write_safetensors
-from tests.conftest import REPO
+from tests.conftest import PARAGRAPHS, REPO
 from tests.hf_fixtures import checkpoint_from_gguf
 
-PARAGRAPHS = [
-    "The lighthouse stood on the edge of the cliff, its beam sweeping across the dark water every twelve "
-    "seconds. Sailors had trusted it for 150 years.",
-    "def fibonacci(n: int) -> int:\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
-    "Prices rose 3.75% in 2024; naïve forecasts missed it. Émile said: «c'est la vie» — 日本語のテキストも。 🎉",
-    "<|im_start|>user\nHello there!<|im_end|>\n<|im_start|>assistant\n",
-]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -112,56 +104,6 @@ def test_q8_0_quantization_loads_and_generates_coherent_text(smol_f32: Path, mod
 
 
 # ---- A tiny random LLaMA with a SentencePiece tokenizer, checked against numpy ----
-
-TRAIN_TEXT = " ".join(PARAGRAPHS[:3]) * 3 + " " + " ".join(
-    f"The {w} of the {v} is {n} and the {v} of the {w} was {n + 1}." for w, v, n in
-    [("sea", "ship", 3), ("harbour", "light", 7), ("keeper", "tower", 11), ("storm", "night", 19)]
-) * 20
-
-
-@pytest.fixture(scope="module")
-def tiny_spm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import sentencepiece as spm
-
-    d = tmp_path_factory.mktemp("tiny-spm")
-    corpus = d / "corpus.txt"
-    corpus.write_text("\n".join(TRAIN_TEXT.split(". ")))
-    spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(d / "tokenizer"), vocab_size=400, model_type="bpe",
-        byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
-        add_dummy_prefix=True, remove_extra_whitespaces=False, split_digits=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
-    )
-    vocab = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model")).vocab_size()
-    config = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
-              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": vocab,
-              "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-              "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
-    (d / "config.json").write_text(json.dumps(config))
-    (d / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "add_eos_token": False}))
-    rng = np.random.default_rng(7)
-    e, f, hd = 64, 128, 16
-    weights: dict[str, np.ndarray] = {
-        "model.embed_tokens.weight": rng.normal(0, 0.5, (vocab, e)),
-        "model.norm.weight": 1 + rng.normal(0, 0.1, e),
-        "lm_head.weight": rng.normal(0, 0.2, (vocab, e)),
-    }
-    for i in range(2):
-        p = f"model.layers.{i}."
-        weights |= {
-            p + "input_layernorm.weight": 1 + rng.normal(0, 0.1, e),
-            p + "post_attention_layernorm.weight": 1 + rng.normal(0, 0.1, e),
-            p + "self_attn.q_proj.weight": rng.normal(0, 0.3, (4 * hd, e)),
-            p + "self_attn.k_proj.weight": rng.normal(0, 0.3, (2 * hd, e)),
-            p + "self_attn.v_proj.weight": rng.normal(0, 0.3, (2 * hd, e)),
-            p + "self_attn.o_proj.weight": rng.normal(0, 0.2, (e, 4 * hd)),
-            p + "mlp.gate_proj.weight": rng.normal(0, 0.2, (f, e)),
-            p + "mlp.up_proj.weight": rng.normal(0, 0.2, (f, e)),
-            p + "mlp.down_proj.weight": rng.normal(0, 0.2, (e, f)),
-        }
-    write_safetensors(d / "model.safetensors", {k: v.astype(np.float32) for k, v in weights.items()}, "F32")
-    return d
-
 
 def hf_llama_forward(d: Path, tokens: list[int]) -> np.ndarray:
     """Hugging Face's LlamaForCausalLM forward pass in numpy (rotate-half RoPE, GQA), all positions' logits."""
