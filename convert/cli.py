@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from pathlib import Path
 
@@ -73,7 +72,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
 
 def run_pipeline_command(handler, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from server.logs import configure_logging
+
+    configure_logging("warning")  # llama.cpp's own log lines: warnings only
     try:
         return int(handler(args))
     except PipelineError as exc:

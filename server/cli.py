@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from benchmarks.cli import add_commands as add_benchmark_commands
 from convert.cli import add_commands as add_pipeline_commands
 from convert.cli import run_pipeline_command
 from server.settings import Settings
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_flags(serve)
     serve.set_defaults(handler=cmd_serve)
     add_pipeline_commands(sub)
+    add_benchmark_commands(sub)
     return parser
 
 

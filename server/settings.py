@@ -60,6 +60,10 @@ class Settings(BaseSettings):
         default=None, ge=1, le=512, description="Threads for prompt processing. Unset: same as n_threads."
     )
     use_mmap: bool = Field(default=True, description="Memory-map the model file instead of reading it.")
+    cache_type: str = Field(
+        default="f16", pattern="^(f16|q8_0|f32)$",
+        description="KV-cache element type: q8_0 halves the cache's memory (needs flash attention).",
+    )
     flash_attn: bool = Field(default=True, description="Flash attention (llama.cpp's CPU kernel; less memory).")
 
     # Requests
@@ -90,6 +94,8 @@ class Settings(BaseSettings):
                 f"ctx_size {self.ctx_size} leaves {self.ctx_size // self.parallel} tokens per slot "
                 f"for {self.parallel} slots; raise ctx_size or lower parallel"
             )
+        if self.cache_type == "q8_0" and not self.flash_attn:
+            raise ValueError("cache_type q8_0 needs flash_attn on")
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError("default_max_tokens must not exceed max_tokens_limit")
         return self

@@ -221,6 +221,7 @@ class Engine:
             n_threads=s.n_threads,
             n_threads_batch=s.threads_batch,
             flash_attn=s.flash_attn,
+            cache_type=s.cache_type,
         )
         self._batch = Batch(s.batch_size)
         self.info = self.model.info()

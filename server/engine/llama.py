@@ -167,6 +167,9 @@ class LlamaModel:
             self._ptr = None
 
 
+CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "f32": llama_cpp.GGML_TYPE_F32}
+
+
 class LlamaContext:
     """A llama.cpp context: the KV cache of ``n_seq_max`` sequences, shared (unified) among them."""
 
@@ -180,8 +183,10 @@ class LlamaContext:
         n_threads: int,
         n_threads_batch: int,
         flash_attn: bool = True,
+        cache_type: str = "f16",
     ) -> None:
         params = llama_cpp.llama_context_default_params()
+        params.type_k = params.type_v = CACHE_TYPES[cache_type]
         params.n_ctx = n_ctx
         params.n_batch = n_batch
         params.n_ubatch = n_batch

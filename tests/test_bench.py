@@ -1,0 +1,88 @@
+"""The load generator's statistics, the planner's arithmetic, and a short `bench` run against the real server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.loadgen import RequestResult, iter_sse_data, percentile, summarize
+from benchmarks.planner import GIB, SHAPES, Calibration, make_plan, predict_memory
+from tests.conftest import REPO, LiveServer
+
+
+def test_percentile_interpolates_like_numpy() -> None:
+    values = [10.0, 20.0, 30.0, 40.0, 50.0]
+    assert percentile(values, 0.5) == 30.0
+    assert percentile(values, 0.95) == pytest.approx(48.0)  # rank 3.8 -> 40 + 0.8 x 10
+    assert percentile(values, 0.99) == pytest.approx(49.6)
+    assert percentile([7.0], 0.99) == 7.0
+
+
+def test_summary_of_hand_made_requests() -> None:
+    # Two streams: tokens at t = 1.0, 1.5, 2.0 and 0.5, 1.0 (started at 0); one 429.
+    a = RequestResult(status=200, start=0.0, token_times=[1.0, 1.5, 2.0], end=2.1)
+    b = RequestResult(status=200, start=0.0, token_times=[0.5, 1.0], end=1.2)
+    c = RequestResult(status=429, start=0.0, end=0.01)
+    stats = summarize(2, [a, b, c], wall_s=2.5)
+    assert (stats.requests, stats.ok, stats.errors) == (3, 2, {"429": 1})
+    assert stats.tokens == 5 and stats.aggregate_tps == 2.0
+    assert stats.ttft_ms["p50"] == 750.0  # median of 1000 and 500 ms
+    assert stats.itl_ms["p50"] == 500.0  # every gap is 0.5 s
+    assert stats.e2e_ms["p50"] == 1650.0
+    assert stats.per_stream_tps_p50 == 2.0  # 2 gaps / 1 s and 1 gap / 0.5 s
+
+
+def test_sse_parser_handles_split_and_crlf_events() -> None:
+    buffer = bytearray(b'event: token\r\ndata: {"type": "token"}\r\n\r\ndata: [DO')
+    assert iter_sse_data(buffer) == ['{"type": "token"}']
+    buffer += b"NE]\n\n"
+    assert iter_sse_data(buffer) == ["[DONE]"] and buffer == bytearray()
+
+
+def test_planner_memory_for_llama_2_7b_by_hand() -> None:
+    shape = SHAPES["llama-2-7b"]
+    assert shape.n_params == 6_738_415_616  # LLaMA 2 7B's published parameter count
+    mem = predict_memory(shape, weights_bytes=4.0 * GIB, quant="Q4_K_M", ctx_size=4096, use_mmap=False)
+    assert mem.kv_cache == 2 * 32 * 4096 * 4096 * 2 == 2 * GIB  # K and V, 32 layers, 4096 tokens x 4096 wide, f16
+    assert mem.weights_repacked_copy == 0  # mmap off: the repacked weights are the only copy
+    assert mem.compute == 4 * 512 * (32000 + 4 * 4096 + 2 * 11008)
+    q8 = predict_memory(shape, weights_bytes=4.0 * GIB, quant="Q4_K_M", ctx_size=4096, kv_type="q8_0")
+    assert q8.kv_cache == pytest.approx(GIB * 34 / 32)
+    assert q8.weights_repacked_copy == 4.0 * GIB  # mmap on: file pages and the repacked copy
+
+
+def test_planner_speed_and_replicas_by_hand() -> None:
+    calib = Calibration(bytes_per_second=20e9, flops_per_second=4e11, batch_speedup={1: 1.0, 2: 1.25})
+    plan = make_plan(SHAPES["llama-2-7b"], quant="Q4_K_M", weights_bytes=4e9, ctx_size=4096, parallel=2, cores=2,
+                     calibration=calib, calibration_cores=2, prompt_tokens=100, output_tokens=200, target_rps=0.1)
+    assert plan.decode_tps == 5.0  # 20 GB/s / 4 GB per token
+    assert plan.aggregate_tps == 6.25
+    ttft = 100 / (4e11 / (2 * 6_738_415_616))
+    assert plan.ttft_s == round(ttft, 2)
+    capacity = 1 / (ttft / 2 + 200 / 6.25)
+    assert plan.capacity_rps_per_pod == round(capacity, 3)
+    assert plan.replicas == -(-0.1 // (capacity * 0.7))  # ceil
+    assert plan.requests_cpu == "2"
+
+
+def test_bench_smoke_run_against_the_live_server(live_server: LiveServer, tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "server", "bench", "--url", live_server.url, "--concurrency", "1,2", "--requests",
+         "4", "--max-tokens", "8", "--prompt-words", "12", "--pid", str(live_server.process.pid), "--out", str(out),
+         "--quiet"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((out / "results.json").read_text())
+    levels = data["servers"]["llama-inference"]
+    assert [lv["concurrency"] for lv in levels] == [1, 2]
+    for lv in levels:
+        assert lv["ok"] == 4 and lv["errors"] == {}
+        assert lv["tokens"] == 4 * 8  # ignore_eos: exactly max_tokens each
+        assert lv["ttft_ms"]["p50"] > 0 and lv["aggregate_tps"] > 0
+        assert lv["server_peak_rss_mb"] > 100
+    assert (out / "throughput_latency.png").stat().st_size > 10_000
+    assert "| 2 | 4 | 4 |" in (out / "results.md").read_text()
