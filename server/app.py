@@ -9,13 +9,16 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from server import __version__
 from server.engine.core import Engine, EngineState
 from server.errors import install_error_handlers
 from server.metrics import Metrics
 from server.model_files import resolve_model_path
+from server.request_log import RequestLogMiddleware
 from server.routes import native, openai, ops
+from server.security import KeyChecker
 from server.serving import GenerationService
 from server.settings import Settings
 
@@ -31,12 +34,14 @@ def create_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = N
     and ``/ready`` turns 200 when it is loaded. If loading fails, ``on_fatal`` is called with the reason
     (the CLI stops the server and exits non-zero)."""
     path = resolve_model_path(settings.model_path)
+    key_checker = KeyChecker(settings.api_keys())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics = Metrics()
         engine = Engine(settings, metrics, str(path))
         app.state.settings = settings
+        app.state.key_checker = key_checker
         app.state.metrics = metrics
         app.state.engine = engine
         app.state.service = GenerationService(engine, settings, model_name(settings, path))
@@ -53,7 +58,15 @@ def create_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = N
         version=__version__,
         description="CPU inference for LLaMA-family GGUF models on llama.cpp, with continuous batching.",
         lifespan=lifespan,
+        max_body_size=settings.max_body_bytes,
     )
+    app.state.key_checker = key_checker
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
+            allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type", "X-API-Key"],
+        )
+    app.add_middleware(RequestLogMiddleware)
     install_error_handlers(app)
     app.include_router(native.router)
     app.include_router(openai.router)

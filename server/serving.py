@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from server.chat import ChatFormatter, ChatTemplateError, load_template
 from server.engine.core import Engine, EngineNotReady, EngineOverloaded, EngineState
 from server.engine.sampling import SamplingParams
-from server.engine.types import ErrorEvent, Event, FinalEvent, GenerationRequest, RequestHandle
+from server.engine.types import ErrorEvent, Event, FinalEvent, GenerationRequest, RequestHandle, TokenEvent
 from server.errors import APIError, bad_request, overloaded, unavailable
 from server.settings import Settings
 
@@ -37,14 +37,27 @@ class GenerationService:
         return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
     async def tokenize(self, text: str) -> list[int]:
-        """Tokenize off the event loop (a long prompt takes a while)."""
+        """Tokenize off the event loop (a long prompt takes a while). Control-token text stays plain text
+        unless the server allows special tokens."""
         try:
-            return await asyncio.to_thread(self.engine.tokenize, text)
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise bad_request("the prompt is not valid Unicode (it holds a lone surrogate)", param="prompt",
+                              code="invalid_value") from exc
+        try:
+            return await asyncio.to_thread(self.engine.tokenize, text,
+                                           parse_special=self.settings.allow_special_tokens)
         except EngineNotReady as exc:
             raise unavailable(str(exc)) from exc
 
     async def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
         """The chat prompt rendered with the model's template and tokenized (off the event loop)."""
+        for i, message in enumerate(messages):
+            try:
+                message.get("content", "").encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise bad_request("message content is not valid Unicode (it holds a lone surrogate)",
+                                  param=f"messages.{i}.content", code="invalid_value") from exc
         formatter = self.chat_formatter()
         try:
             return await asyncio.to_thread(formatter.tokenize, messages)
@@ -121,8 +134,29 @@ class GenerationService:
         except EngineNotReady as exc:
             raise unavailable(str(exc)) from exc
 
+    def log_fields(self, request: GenerationRequest, prompt: object) -> dict[str, object]:
+        """The request's entry in its log line (filled in as it completes)."""
+        fields: dict[str, object] = {"id": request.request_id, "prompt_tokens": len(request.prompt_tokens),
+                                     "max_tokens": request.max_tokens}
+        if self.settings.log_prompts:
+            fields["prompt"] = prompt
+        return fields
+
+    @staticmethod
+    def record(fields: dict[str, object] | None, event: Event) -> None:
+        if fields is None:
+            return
+        if isinstance(event, FinalEvent):
+            fields.update(finish_reason=event.finish_reason.value, completion_tokens=event.usage.completion_tokens,
+                          cached_tokens=event.usage.cached_tokens,
+                          ttft_ms=round(event.timings.time_to_first_token_ms, 1),
+                          decode_tps=round(event.timings.decode_tokens_per_second, 1))
+        elif isinstance(event, ErrorEvent):
+            fields.update(error=event.code)
+
     async def complete(
-        self, handle: RequestHandle, is_disconnected: Callable[[], Awaitable[bool]]
+        self, handle: RequestHandle, is_disconnected: Callable[[], Awaitable[bool]],
+        log_fields: dict[str, object] | None = None,
     ) -> FinalEvent:
         """Wait for the whole answer; cancel the request if the client disconnects meanwhile."""
         result = asyncio.ensure_future(handle.result())
@@ -139,14 +173,19 @@ class GenerationService:
                 handle.cancel()
                 result.cancel()
         event = result.result()
+        self.record(log_fields, event)
         if isinstance(event, ErrorEvent):
-            raise APIError(500, f"generation failed: {event.message}", type="server_error")
+            raise APIError(event.status, event.message, code=event.code,
+                           type="service_unavailable" if event.status == 503 else "server_error")
         return event
 
-    async def stream(self, handle: RequestHandle) -> AsyncIterator[Event]:
+    async def stream(self, handle: RequestHandle, log_fields: dict[str, object] | None = None
+                     ) -> AsyncIterator[Event]:
         """The request's events; leaving early (a disconnect) cancels the request."""
         try:
             async for event in handle.events():
+                if not isinstance(event, TokenEvent):
+                    self.record(log_fields, event)
                 yield event
         finally:
             handle.cancel()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -83,9 +83,35 @@ class Settings(BaseSettings):
         description="On SIGTERM, how long requests in flight may take to finish before the server exits.",
     )
 
+    queue_timeout_s: float = Field(
+        default=120.0, gt=0.0, le=86_400.0,
+        description="A request waiting this long for a free slot is answered 503 instead of waiting on.",
+    )
+    allow_special_tokens: bool = Field(
+        default=False,
+        description="Parse control-token text in /generate and /v1/completions prompts (e.g. '<|im_end|>') as "
+        "control tokens. Off: such text stays text, so users cannot forge turns.",
+    )
+
+    # Security
+    api_key: SecretStr | None = Field(
+        default=None, description="If set, generation routes require 'Authorization: Bearer <key>'."
+    )
+    api_key_file: Path | None = Field(
+        default=None, description="A file with API keys, one per line (e.g. a mounted Kubernetes secret)."
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Origins allowed by CORS (none by default). JSON list in the environment."
+    )
+    max_body_bytes: int = Field(
+        default=4 * 2**20, ge=1024, le=2**30, description="Largest request body accepted; larger ones get 413."
+    )
+    ui: bool = Field(default=True, description="Serve the web playground at /.")
+
     # Logging
     log_level: str = Field(default="info", pattern="^(debug|info|warning|error)$", description="Log level.")
     log_json: bool = Field(default=False, description="Write logs as JSON lines.")
+    log_prompts: bool = Field(default=False, description="Include prompts in the per-request log lines.")
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -99,6 +125,14 @@ class Settings(BaseSettings):
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError("default_max_tokens must not exceed max_tokens_limit")
         return self
+
+    def api_keys(self) -> list[str]:
+        """Every accepted key: API_KEY and the lines of API_KEY_FILE (read now, so a rotated secret applies on
+        restart)."""
+        keys = [self.api_key.get_secret_value()] if self.api_key else []
+        if self.api_key_file is not None:
+            keys += [line.strip() for line in self.api_key_file.read_text().splitlines() if line.strip()]
+        return keys
 
     @property
     def slot_ctx(self) -> int:

@@ -244,7 +244,8 @@ class Engine:
             self._drop_cancelled()
             self._admit()
             if not any(s.active for s in self._slots):
-                self._wake.wait()
+                # Idle: sleep until a request arrives (or, with requests queued, until one may time out).
+                self._wake.wait(timeout=1.0 if self._waiting else None)
                 self._wake.clear()
                 continue
             self._step()
@@ -253,13 +254,22 @@ class Engine:
         for slot in self._slots:
             if slot.active is not None and slot.active.handle.cancelled:
                 self._finish(slot, FinishReason.CANCELLED)
+        if not self._waiting:
+            return
+        deadline = time.perf_counter() - self.settings.queue_timeout_s
         with self._lock:
-            kept = deque(h for h in self._waiting if not h.cancelled)
-            dropped = len(self._waiting) - len(kept)
-            self._waiting = kept
-            self._in_flight -= dropped
-        for _ in range(dropped):
+            cancelled = [h for h in self._waiting if h.cancelled]
+            expired = [h for h in self._waiting if not h.cancelled and h.arrived < deadline]
+            if cancelled or expired:
+                self._waiting = deque(h for h in self._waiting if not h.cancelled and h.arrived >= deadline)
+                self._in_flight -= len(cancelled) + len(expired)
+        for _ in cancelled:
             self.metrics.requests.labels(outcome="cancelled").inc()
+        for handle in expired:
+            self.metrics.requests.labels(outcome="queue_timeout").inc()
+            handle.publish(ErrorEvent(
+                message=f"no slot became free within {self.settings.queue_timeout_s:g} s; retry later",
+                status=503, code="queue_timeout"))
 
     def _admit(self) -> None:
         while True:
@@ -358,7 +368,8 @@ class Engine:
             self._finish(slot, FinishReason.LENGTH)
 
     def _finish(
-        self, slot: _Slot, reason: FinishReason, *, error: str | None = None, drop_cache: bool = False
+        self, slot: _Slot, reason: FinishReason, *, error: str | None = None, drop_cache: bool = False,
+        status: int = 500,
     ) -> None:
         a = slot.active
         assert a is not None
@@ -374,7 +385,8 @@ class Engine:
         self.metrics.requests.labels(outcome=reason.value).inc()
         self.metrics.generated_tokens.inc(a.n_generated)
         if error is not None:
-            a.handle.publish(ErrorEvent(message=error))
+            a.handle.publish(ErrorEvent(message=error, status=status,
+                                        code="shutting_down" if status == 503 else "server_error"))
             return
         tail = a.text.flush()
         if tail:
@@ -400,9 +412,9 @@ class Engine:
     def _fail_everything(self, message: str) -> None:
         for slot in self._slots:
             if slot.active is not None:
-                self._finish(slot, FinishReason.ERROR, error=message)
+                self._finish(slot, FinishReason.ERROR, error=message, status=503)
         with self._lock:
             waiting, self._waiting = list(self._waiting), deque()
             self._in_flight -= len(waiting)
         for handle in waiting:
-            handle.publish(ErrorEvent(message=message))
+            handle.publish(ErrorEvent(message=message, status=503, code="shutting_down"))

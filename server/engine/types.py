@@ -64,6 +64,8 @@ class FinalEvent:
 @dataclass(frozen=True)
 class ErrorEvent:
     message: str
+    status: int = 500  # the HTTP status a non-streamed request answers with
+    code: str = "server_error"
 
 
 Event = TokenEvent | FinalEvent | ErrorEvent

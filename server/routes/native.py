@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from sse_starlette import ServerSentEvent
 
-from server.deps import ServiceDep
+from server.deps import ServiceDep, require_api_key
 from server.engine.types import FinalEvent, FinishReason, RequestHandle, TokenEvent
 from server.errors import ERROR_RESPONSES, ErrorDetail
 from server.protocol import (
@@ -22,7 +22,7 @@ from server.protocol import (
 from server.serving import ClientDisconnected, GenerationService
 from server.sse import TokenEventSourceResponse
 
-router = APIRouter(tags=["generate"])
+router = APIRouter(tags=["generate"], dependencies=[Depends(require_api_key)])
 
 STREAM_DOC = {
     "description": "With `stream: true`: server-sent events. Each `token` event carries a TokenChunk, the last "
@@ -55,11 +55,13 @@ async def generate(body: GenerateRequest, request: Request, service: ServiceDep)
         cache_prompt=body.cache_prompt,
         ignore_eos=body.ignore_eos,
     )
+    fields = service.log_fields(gen_request, body.prompt)
+    request.state.generation = fields
     handle = service.submit(gen_request)
     if body.stream:
-        return TokenEventSourceResponse(_sse(service, handle))
+        return TokenEventSourceResponse(_sse(service, handle, fields))
     try:
-        final = await service.complete(handle, request.is_disconnected)
+        final = await service.complete(handle, request.is_disconnected, fields)
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED)
     return GenerateResponse(
@@ -72,8 +74,9 @@ async def generate(body: GenerateRequest, request: Request, service: ServiceDep)
     )
 
 
-async def _sse(service: GenerationService, handle: RequestHandle) -> AsyncIterator[ServerSentEvent]:
-    async for event in service.stream(handle):
+async def _sse(service: GenerationService, handle: RequestHandle, fields: dict[str, object]
+               ) -> AsyncIterator[ServerSentEvent]:
+    async for event in service.stream(handle, fields):
         if isinstance(event, TokenEvent):
             if event.text:
                 yield ServerSentEvent(data=TokenChunk(text=event.text).model_dump_json(), event="token")
@@ -87,5 +90,6 @@ async def _sse(service: GenerationService, handle: RequestHandle) -> AsyncIterat
             )
             yield ServerSentEvent(data=done.model_dump_json(), event="done")
         else:
-            error = ErrorChunk(error=ErrorDetail(message=event.message, type="server_error"))
+            error = ErrorChunk(error=ErrorDetail(message=event.message, code=event.code,
+                                                 type="service_unavailable" if event.status == 503 else "server_error"))
             yield ServerSentEvent(data=error.model_dump_json(), event="error")

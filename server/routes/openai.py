@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel
 from sse_starlette import ServerSentEvent
 
-from server.deps import ServiceDep
+from server.deps import ServiceDep, require_api_key
 from server.engine.types import FinalEvent, FinishReason, GenerationRequest, RequestHandle, TokenEvent
 from server.errors import ERROR_RESPONSES, APIError, ErrorDetail, ErrorResponse, bad_request
 from server.openai_protocol import (
@@ -32,7 +32,7 @@ from server.routes.native import CLIENT_CLOSED, STREAM_DOC
 from server.serving import ClientDisconnected, GenerationService
 from server.sse import TokenEventSourceResponse
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
 
 RESPONSES: dict[int | str, dict[str, object]] = {
     **ERROR_RESPONSES,
@@ -61,12 +61,14 @@ def _check(body: SamplingFields, service: GenerationService) -> None:
 
 
 async def _start(service: GenerationService, body: SamplingFields, prompt: str | list[int], max_tokens: int | None,
-                 prefix: str) -> RequestHandle:
+                 prefix: str, http_request: Request, logged_prompt: object) -> tuple[RequestHandle, dict[str, object]]:
     request = await service.build(
         prompt, max_tokens=max_tokens, sampling=body.to_sampling(), stop=body.stop_strings(),
         request_id=service.new_id(prefix), max_tokens_param="max_tokens",
     )
-    return service.submit(request)
+    fields = service.log_fields(request, logged_prompt)
+    http_request.state.generation = fields
+    return service.submit(request), fields
 
 
 @router.get("/models", response_model=ModelList)
@@ -84,7 +86,7 @@ async def get_model(model_id: str, service: ServiceDep) -> ModelCard:
 @router.post("/completions", response_model=Completion, responses=RESPONSES)
 async def completions(body: CompletionRequest, request: Request, service: ServiceDep) -> Completion | Response:
     _check(body, service)
-    handle = await _start(service, body, body.prompt_value(), body.max_tokens, "cmpl")
+    handle, fields = await _start(service, body, body.prompt_value(), body.max_tokens, "cmpl", request, body.prompt)
     created = int(time.time())
     req = handle.request
     if body.stream:
@@ -97,10 +99,11 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
                               usage=_usage(final))
 
         return TokenEventSourceResponse(
-            _openai_stream(service, handle, chunk, usage_chunk if body.include_usage else None, first=None)
+            _openai_stream(service, handle, chunk, usage_chunk if body.include_usage else None, first=None,
+                           fields=fields)
         )
     try:
-        final = await service.complete(handle, request.is_disconnected)
+        final = await service.complete(handle, request.is_disconnected, fields)
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED)
     return Completion(
@@ -114,7 +117,8 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
 async def chat_completions(body: ChatCompletionRequest, request: Request, service: ServiceDep) -> ChatCompletion | Response:
     _check(body, service)
     tokens = await service.chat_tokens(body.template_messages())
-    handle = await _start(service, body, tokens, body.limit(), "chatcmpl")
+    handle, fields = await _start(service, body, tokens, body.limit(), "chatcmpl", request,
+                                  body.template_messages())
     created = int(time.time())
     req: GenerationRequest = handle.request
     if body.stream:
@@ -130,10 +134,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
         first = ChatCompletionChunk(id=req.request_id, created=created, model=service.model_name,
                                     choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])
         return TokenEventSourceResponse(
-            _openai_stream(service, handle, chunk, usage_chunk if body.include_usage else None, first=first)
+            _openai_stream(service, handle, chunk, usage_chunk if body.include_usage else None, first=first,
+                           fields=fields)
         )
     try:
-        final = await service.complete(handle, request.is_disconnected)
+        final = await service.complete(handle, request.is_disconnected, fields)
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED)
     return ChatCompletion(
@@ -150,11 +155,12 @@ async def _openai_stream(
     chunk: Callable[[str, str | None], BaseModel],
     usage_chunk: Callable[[FinalEvent], BaseModel] | None,
     first: BaseModel | None,
+    fields: dict[str, object],
 ) -> AsyncIterator[ServerSentEvent]:
     """OpenAI's stream: data-only events, a last chunk with finish_reason, usage if asked, then [DONE]."""
     if first is not None:
         yield ServerSentEvent(data=first.model_dump_json(exclude_none=False))
-    async for event in service.stream(handle):
+    async for event in service.stream(handle, fields):
         if isinstance(event, TokenEvent):
             if event.text:
                 yield ServerSentEvent(data=chunk(event.text, None).model_dump_json())
@@ -163,6 +169,7 @@ async def _openai_stream(
             if usage_chunk is not None:
                 yield ServerSentEvent(data=usage_chunk(event).model_dump_json())
         else:
-            error = ErrorResponse(error=ErrorDetail(message=event.message, type="server_error"))
+            error = ErrorResponse(error=ErrorDetail(message=event.message, code=event.code,
+                                                    type="service_unavailable" if event.status == 503 else "server_error"))
             yield ServerSentEvent(data=error.model_dump_json())
     yield ServerSentEvent(data="[DONE]")
