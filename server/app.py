@@ -16,6 +16,7 @@ from server.engine.core import Engine, EngineState
 from server.errors import install_error_handlers
 from server.metrics import Metrics
 from server.model_files import resolve_model_path
+from server.body_limit import BodyLimitMiddleware
 from server.request_log import RequestLogMiddleware
 from server.routes import native, openai, ops
 from server.security import KeyChecker
@@ -58,7 +59,6 @@ def create_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = N
         version=__version__,
         description="CPU inference for LLaMA-family GGUF models on llama.cpp, with continuous batching.",
         lifespan=lifespan,
-        max_body_size=settings.max_body_bytes,
     )
     app.state.key_checker = key_checker
     if settings.cors_origins:
@@ -66,6 +66,7 @@ def create_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = N
             CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
             allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type", "X-API-Key"],
         )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestLogMiddleware)
     install_error_handlers(app)
     app.include_router(native.router)

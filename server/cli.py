@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import types
@@ -22,6 +23,17 @@ log = logging.getLogger("llama_inference")
 Handler = Callable[[argparse.Namespace], int]
 
 
+def _list_value(text: str) -> list[str]:
+    """A list flag: a JSON list (as in the environment) or comma-separated values."""
+    text = text.strip()
+    if text.startswith("["):
+        value = json.loads(text)
+        if not isinstance(value, list):
+            raise argparse.ArgumentTypeError("expected a JSON list")
+        return [str(v) for v in value]
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def _scalar_type(annotation: object) -> type:
     """The type argparse should convert a flag to: the non-None member of an optional annotation."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
@@ -39,6 +51,9 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
+        elif typing.get_origin(field.annotation) is list:
+            parser.add_argument(flag, dest=name, type=_list_value, default=argparse.SUPPRESS, metavar="LIST",
+                                help=help_text)
         else:
             parser.add_argument(flag, dest=name, type=kind if kind in (int, float, Path) else str,
                                 default=argparse.SUPPRESS, metavar=name.upper(), help=help_text)
