@@ -151,8 +151,10 @@ def main() -> None:
         build(work, args.threads)
         return
     model = work / "llama-2-7b-shape.Q4_K_M.gguf"
-    settings = [("defaults", []), ("use_mmap off", ["--no-use-mmap"]), ("kv q8_0", ["--cache-type", "q8_0"]),
-                ("use_mmap off + kv q8_0", ["--no-use-mmap", "--cache-type", "q8_0"])]
+    settings = [("mmap on, KV f16", ["--use-mmap", "--cache-type", "f16"]),
+                ("mmap off, KV f16", ["--no-use-mmap", "--cache-type", "f16"]),
+                ("mmap on, KV q8_0", ["--use-mmap", "--cache-type", "q8_0"]),
+                ("mmap off, KV q8_0", ["--no-use-mmap", "--cache-type", "q8_0"])]
     print("| setting | load s | peak RSS GiB | TTFT s (100 tokens) | decode tok/s |")
     print("|---|---|---|---|---|")
     for label, extra in settings:

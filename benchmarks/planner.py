@@ -120,19 +120,29 @@ def predict_memory(shape: Shape, *, weights_bytes: float, quant: str, ctx_size: 
                   runtime=RUNTIME_BYTES)
 
 
+# How close llama.cpp gets to the machine's limits, measured on this project's 2-core machine with a
+# LLaMA-2-7B-shaped Q4_K_M (benchmarks/RESULTS.md): decoding reads the weights at about 80% of the memory
+# bandwidth a plain multi-threaded read reaches, and its int8 (VNNI) kernels process prompts about 1.4x as fast
+# as numpy's float32 matrix product.
+DECODE_BANDWIDTH_EFFICIENCY = 0.8
+PROMPT_KERNEL_SPEEDUP = 1.4
+
+
 @dataclass
 class Calibration:
-    """Rates measured on this machine with a reference model, scaled by model size."""
+    """This machine's rates: memory bandwidth, matrix-product speed, and llama-inference's fixed cost per
+    decoded token (measured on the embedded model, whose weights are too small to matter)."""
 
-    bytes_per_second: float  # weights read per second while decoding (decode tok/s x weight bytes)
-    flops_per_second: float  # prompt tok/s x 2 x parameters
+    bytes_per_second: float  # memory read bandwidth with the calibration threads
+    flops_per_second: float  # float32 matrix product
+    seconds_per_token_fixed: float = 0.0
     batch_speedup: dict[int, float] = field(default_factory=lambda: {1: 1.0, 2: 1.25, 4: 1.5, 8: 1.7})
 
     def decode_tps(self, weights_bytes: float) -> float:
-        return self.bytes_per_second / weights_bytes
+        return 1 / (self.seconds_per_token_fixed + weights_bytes / (self.bytes_per_second * DECODE_BANDWIDTH_EFFICIENCY))
 
     def prompt_tps(self, n_params: int) -> float:
-        return self.flops_per_second / (2 * n_params)
+        return self.flops_per_second * PROMPT_KERNEL_SPEEDUP / (2 * n_params)
 
     def speedup(self, parallel: int) -> float:
         known = sorted(self.batch_speedup)
@@ -194,8 +204,41 @@ def make_plan(shape: Shape, *, quant: str, weights_bytes: float | None = None, c
     )
 
 
+def memory_bandwidth(threads: int, size: int = 2**30) -> float:
+    """Bytes per second that ``threads`` threads read from a buffer larger than any cache."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    data = np.ones(size // 4, dtype=np.float32)
+    parts = np.array_split(data, threads * 8)
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(np.add.reduce, parts))  # warm-up: fault the pages in
+        start = time.perf_counter()
+        for _ in range(3):
+            list(pool.map(np.add.reduce, parts))
+        elapsed = (time.perf_counter() - start) / 3
+    return data.nbytes / elapsed
+
+
+def matmul_flops(n: int = 2048) -> float:
+    import time
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a, b = rng.random((n, n), dtype=np.float32), rng.random((n, n), dtype=np.float32)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(3):
+        a @ b
+    return 2 * n**3 / ((time.perf_counter() - start) / 3)
+
+
 def calibrate(model_path: Path, threads: int = 2, n_tokens: int = 64) -> Calibration:
-    """Measure decode and prompt rates of ``model_path`` here, in this process."""
+    """Measure this machine: memory bandwidth, matrix-product speed, and the embedded model's decode rate
+    (which, with weights this small, is mostly the fixed cost of a step)."""
     import time
 
     from server.engine.llama import Batch, LlamaContext, LlamaModel
@@ -223,13 +266,15 @@ def calibrate(model_path: Path, threads: int = 2, n_tokens: int = 64) -> Calibra
             ctx.decode(batch)
             token = sampler.sample(ctx.ptr, 0)
             pos += 1
-        decode_tps = n_tokens / (time.perf_counter() - start)
+        decode_s = (time.perf_counter() - start) / n_tokens
     finally:
         sampler.close()
         ctx.close()
         model.close()
-    return Calibration(bytes_per_second=decode_tps * weights_bytes,
-                       flops_per_second=len(prompt) / prompt_s * 2 * shape.n_params)
+    del prompt_s
+    bandwidth = memory_bandwidth(threads)
+    fixed = max(0.0, decode_s - weights_bytes / (bandwidth * DECODE_BANDWIDTH_EFFICIENCY))
+    return Calibration(bytes_per_second=bandwidth, flops_per_second=matmul_flops(), seconds_per_token_fixed=fixed)
 
 
 def render(plan: Plan) -> str:

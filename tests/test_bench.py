@@ -56,12 +56,13 @@ def test_planner_memory_for_llama_2_7b_by_hand() -> None:
 
 
 def test_planner_speed_and_replicas_by_hand() -> None:
-    calib = Calibration(bytes_per_second=20e9, flops_per_second=4e11, batch_speedup={1: 1.0, 2: 1.25})
+    calib = Calibration(bytes_per_second=25e9, flops_per_second=4e11, seconds_per_token_fixed=0.0,
+                        batch_speedup={1: 1.0, 2: 1.25})
     plan = make_plan(SHAPES["llama-2-7b"], quant="Q4_K_M", weights_bytes=4e9, ctx_size=4096, parallel=2, cores=2,
                      calibration=calib, calibration_cores=2, prompt_tokens=100, output_tokens=200, target_rps=0.1)
-    assert plan.decode_tps == 5.0  # 20 GB/s / 4 GB per token
+    assert plan.decode_tps == 5.0  # 25 GB/s x 0.8 efficiency / 4 GB per token
     assert plan.aggregate_tps == 6.25
-    ttft = 100 / (4e11 / (2 * 6_738_415_616))
+    ttft = 100 / (4e11 * 1.4 / (2 * 6_738_415_616))
     assert plan.ttft_s == round(ttft, 2)
     capacity = 1 / (ttft / 2 + 200 / 6.25)
     assert plan.capacity_rps_per_pod == round(capacity, 3)

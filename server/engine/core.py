@@ -42,6 +42,17 @@ class EngineState(str, Enum):
     STOPPED = "stopped"
 
 
+AUTO_Q8_KV_ABOVE_BYTES = 2**30
+
+
+def resolve_cache_type(setting: str, f16_bytes: float, flash_attn: bool) -> str:
+    """The KV-cache type to use: ``auto`` is q8_0 when an f16 cache would pass 1 GiB (and flash attention,
+    which a quantized cache needs, is on), else f16."""
+    if setting != "auto":
+        return setting
+    return "q8_0" if flash_attn and f16_bytes > AUTO_Q8_KV_ABOVE_BYTES else "f16"
+
+
 class EngineOverloaded(Exception):
     """Every slot is busy and the wait queue is full."""
 
@@ -213,6 +224,8 @@ class Engine:
         t0 = time.perf_counter()
         log.info("llama.cpp system info: %s", system_info())
         self.model = LlamaModel(self.model_path, use_mmap=s.use_mmap)  # type: ignore[arg-type]
+        self.info = self.model.info()
+        self.cache_type = resolve_cache_type(s.cache_type, self.info.kv_bytes(s.ctx_size), s.flash_attn)
         self._ctx = LlamaContext(
             self.model,
             n_ctx=s.ctx_size,
@@ -221,19 +234,19 @@ class Engine:
             n_threads=s.n_threads,
             n_threads_batch=s.threads_batch,
             flash_attn=s.flash_attn,
-            cache_type=s.cache_type,
+            cache_type=self.cache_type,
         )
         self._batch = Batch(s.batch_size)
-        self.info = self.model.info()
         if s.slot_ctx > self.model.n_ctx_train:
             log.warning(
                 "each slot has %d tokens of context, more than the %d the model was trained with",
                 s.slot_ctx, self.model.n_ctx_train,
             )
         log.info(
-            "model loaded in %.2fs: %s (%s, %.2f GiB, %d params); %d slots x %d tokens, %d threads",
-            time.perf_counter() - t0, self.info.path, self.info.description, self.info.size_bytes / 2**30,
-            self.info.n_params, s.parallel, s.slot_ctx, s.n_threads,
+            "model loaded in %.2fs: %s (%s, %.2f GiB, %d params); %d slots x %d tokens, KV cache %s, mmap %s, "
+            "%d threads", time.perf_counter() - t0, self.info.path, self.info.description,
+            self.info.size_bytes / 2**30, self.info.n_params, s.parallel, s.slot_ctx, self.cache_type,
+            "on" if s.use_mmap else "off", s.n_threads,
         )
 
     def _loop(self) -> None:

@@ -69,7 +69,12 @@ class ModelInfo:
     size_bytes: int
     n_ctx_train: int
     n_vocab: int
+    n_layer: int
+    kv_width: int  # K (or V) values per token per layer
     chat_template: str | None
+
+    def kv_bytes(self, n_ctx: int, bytes_per_value: float = 2.0) -> float:
+        return 2 * self.n_layer * n_ctx * self.kv_width * bytes_per_value
 
 
 class LlamaModel:
@@ -79,7 +84,9 @@ class LlamaModel:
         llama_cpp.llama_backend_init()
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = 0
-        params.use_mmap = use_mmap
+        # Memory-map the file, or read it into memory: when llama.cpp repacks the weights into its own
+        # layout, a mapped file would stay resident beside the repacked copy.
+        params.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP if use_mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
         self._ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not self._ptr:
             raise LlamaError(
@@ -121,6 +128,9 @@ class LlamaModel:
             size_bytes=int(llama_cpp.llama_model_size(self._ptr)),
             n_ctx_train=self.n_ctx_train,
             n_vocab=self.n_vocab,
+            n_layer=int(llama_cpp.llama_model_n_layer(self._ptr)),
+            kv_width=int(llama_cpp.llama_model_n_head_kv(self._ptr))
+            * (int(llama_cpp.llama_model_n_embd(self._ptr)) // max(1, int(llama_cpp.llama_model_n_head(self._ptr)))),
             chat_template=template.decode("utf-8", "replace") if template else None,
         )
 
