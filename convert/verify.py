@@ -59,7 +59,7 @@ def _greedy(model: LlamaModel, ctx: LlamaContext, prompt: list[int], n: int) -> 
     batch = Batch(max(len(prompt), 1))
     batch.add(prompt, 0, 0, True)
     ctx.decode(batch)
-    sampler = Sampler(SamplingParams(temperature=0.0))
+    sampler = Sampler(SamplingParams(temperature=0.0), model.n_vocab)
     out: list[int] = []
     pos = len(prompt)
     try:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
 
 from server import __version__
 from server.engine.core import Engine, EngineState
@@ -18,7 +19,7 @@ from server.metrics import Metrics
 from server.model_files import resolve_model_path
 from server.body_limit import BodyLimitMiddleware
 from server.request_log import RequestLogMiddleware
-from server.routes import native, openai, ops
+from server.routes import native, openai, ops, ui
 from server.security import KeyChecker
 from server.serving import GenerationService
 from server.settings import Settings
@@ -72,6 +73,9 @@ def create_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = N
     app.include_router(native.router)
     app.include_router(openai.router)
     app.include_router(ops.router)
+    if settings.ui:
+        app.include_router(ui.router)
+        app.mount("/static", StaticFiles(directory=ui.STATIC_DIR), name="static")
     return app
 
 

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from server.engine.sampling import SamplingParams
+from server.protocol import check_stop_strings, stop_tuple
 
 # Fields of OpenAI's API that this server does not implement; a request that sets them gets a clear 400.
 UNSUPPORTED_MESSAGE = "{field} is not supported by this server"
@@ -19,8 +20,8 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     """Parameters shared by completions and chat completions."""
 
-    # OpenAI ignores fields it does not know in some clients' requests; so do we.
-    model_config = ConfigDict(extra="ignore")
+    # Fields this server does not know are ignored, as clients send many; known ones must have their JSON type.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str = Field(description="The served model's id (see GET /v1/models).")
     max_tokens: int | None = Field(default=None, ge=1, description="Tokens to generate at most.")
@@ -39,15 +40,10 @@ class SamplingFields(BaseModel):
     @field_validator("stop")
     @classmethod
     def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
-        stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must not be empty")
-        return value
+        return check_stop_strings(value, 4)  # OpenAI's limit
 
     def stop_strings(self) -> tuple[str, ...]:
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return stop_tuple(self.stop)
 
     def to_sampling(self) -> SamplingParams:
         return SamplingParams(
@@ -109,7 +105,7 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None

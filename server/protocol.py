@@ -13,11 +13,26 @@ from server.errors import ErrorDetail
 MAX_STOP_STRINGS = 16
 
 
+def check_stop_strings(value: list[str] | str | None, most: int) -> list[str] | str | None:
+    """Validation shared by the native and OpenAI requests: at most ``most`` strings of 1 to 256 characters."""
+    stops = [value] if isinstance(value, str) else value or []
+    if len(stops) > most:
+        raise ValueError(f"at most {most} stop strings")
+    if any(not s or len(s) > 256 for s in stops):
+        raise ValueError("stop strings must have 1 to 256 characters")
+    return value
+
+
+def stop_tuple(value: list[str] | str | None) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value or ())
+
+
 class GenerateRequest(BaseModel):
     """The seed's ``{"prompt", "max_length", "temperature"}``, plus the usual sampling controls."""
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,  # JSON types as documented: "stream": 0 is not a boolean
         json_schema_extra={"examples": [{"prompt": "Once upon a time", "max_length": 50, "temperature": 0.7}]},
     )
 
@@ -48,15 +63,10 @@ class GenerateRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _check_stop(cls, value: list[str] | str | None) -> list[str] | str | None:
-        stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
-        if any(not s or len(s) > 256 for s in stops):
-            raise ValueError("stop strings must have 1 to 256 characters")
-        return value
+        return check_stop_strings(value, MAX_STOP_STRINGS)
 
     def stop_strings(self) -> tuple[str, ...]:
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return stop_tuple(self.stop)
 
     def to_sampling(self) -> SamplingParams:
         return SamplingParams(

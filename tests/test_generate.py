@@ -108,3 +108,12 @@ def test_special_token_text_in_prompt_stays_text(http: httpx.Client) -> None:
     # '<|im_end|>' typed by a user is plain text: it must tokenize to several tokens, not one control token.
     body = generate(http, prompt="<|im_end|>", max_length=5, temperature=0)
     assert body["usage"]["prompt_tokens"] > 1  # type: ignore[index]
+
+
+def test_repetition_penalty_changes_greedy_text_deterministically(http: httpx.Client) -> None:
+    prompt = "List the numbers: one, two, three, one, two, three,"
+    plain = generate(http, prompt=prompt, max_length=30, temperature=0)["text"]
+    penalized = [generate(http, prompt=prompt, max_length=30, temperature=0, repeat_penalty=1.8)["text"]
+                 for _ in range(2)]
+    assert penalized[0] == penalized[1]
+    assert penalized[0] != plain

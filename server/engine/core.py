@@ -291,7 +291,19 @@ class Engine:
                 if not free or not self._waiting:
                     return
                 handle = self._waiting.popleft()
-            self._start(handle, free)
+            try:
+                self._start(handle, free)
+            except Exception as exc:  # one request's failure must not stop the others
+                log.exception("request %s could not start", handle.request.request_id)
+                for slot in free:
+                    if slot.active is not None and slot.active.handle is handle:
+                        self._finish(slot, FinishReason.ERROR, error=f"could not start: {exc}", drop_cache=True)
+                        break
+                else:
+                    with self._lock:
+                        self._in_flight -= 1
+                    self.metrics.requests.labels(outcome="error").inc()
+                    handle.publish(ErrorEvent(message=f"could not start: {exc}"))
 
     def _start(self, handle: RequestHandle, free: list[_Slot]) -> None:
         prompt = handle.request.prompt_tokens
@@ -304,7 +316,8 @@ class Engine:
             slot, keep = min(free, key=lambda s: s.last_used), 0
         self._ctx.seq_rm(slot.seq_id, keep, -1)
         del slot.tokens[keep:]
-        sampler = Sampler(handle.request.sampling)
+        assert self.model is not None
+        sampler = Sampler(handle.request.sampling, self.model.n_vocab)
         if handle.request.sampling.has_penalties:
             for token in prompt[-handle.request.sampling.penalty_last_n:]:
                 sampler.accept(token)
@@ -355,7 +368,12 @@ class Engine:
             slot.active.n_past += len(tokens)
             slot.tokens.extend(tokens)
         for slot, index in outputs:
-            self._sampled(slot, index)
+            try:
+                self._sampled(slot, index)
+            except Exception as exc:  # one request's failure must not stop the others
+                log.exception("sampling failed for %s", slot.active.handle.request.request_id if slot.active else "?")
+                if slot.active is not None:
+                    self._finish(slot, FinishReason.ERROR, error=f"sampling failed: {exc}", drop_cache=True)
 
     def _sampled(self, slot: _Slot, index: int) -> None:
         a = slot.active

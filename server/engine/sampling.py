@@ -35,13 +35,14 @@ class SamplingParams:
 class Sampler:
     """A llama.cpp sampler chain built from :class:`SamplingParams`; owned by one sequence."""
 
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(self, params: SamplingParams, n_vocab: int) -> None:
         chain_params = llama_cpp.llama_sampler_chain_default_params()
         chain_params.no_perf = True
         self._ptr = llama_cpp.llama_sampler_chain_init(chain_params)
         if params.has_penalties:
             self._add(llama_cpp.llama_sampler_init_penalties(
-                params.penalty_last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty
+                n_vocab, params.penalty_last_n, params.repeat_penalty, params.frequency_penalty,
+                params.presence_penalty,
             ))
         if params.greedy:
             self._add(llama_cpp.llama_sampler_init_greedy())

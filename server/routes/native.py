@@ -10,6 +10,7 @@ from sse_starlette import ServerSentEvent
 from server.deps import ServiceDep, require_api_key
 from server.engine.types import FinalEvent, FinishReason, RequestHandle, TokenEvent
 from server.errors import ERROR_RESPONSES, ErrorDetail
+from server.openapi_sse import event_stream
 from server.protocol import (
     DoneChunk,
     ErrorChunk,
@@ -24,11 +25,11 @@ from server.sse import TokenEventSourceResponse
 
 router = APIRouter(tags=["generate"], dependencies=[Depends(require_api_key)])
 
-STREAM_DOC = {
-    "description": "With `stream: true`: server-sent events. Each `token` event carries a TokenChunk, the last "
-    "`done` event a DoneChunk; an error after the stream began comes as an `error` event (ErrorChunk).",
-    "content": {"text/event-stream": {"schema": {"type": "string"}}},
-}
+STREAM_DOC = event_stream(
+    "With `stream: true`: server-sent events. Each `token` event carries a TokenChunk, the last `done` event a "
+    "DoneChunk; an error after the stream began comes as an `error` event (ErrorChunk).",
+    [TokenChunk, DoneChunk, ErrorChunk], ["token", "done", "error"],
+)
 
 # 499 (client closed request) is only logged: the client is gone and reads nothing.
 CLIENT_CLOSED = 499

@@ -28,7 +28,8 @@ from server.openai_protocol import (
     Usage,
     SamplingFields,
 )
-from server.routes.native import CLIENT_CLOSED, STREAM_DOC
+from server.openapi_sse import event_stream
+from server.routes.native import CLIENT_CLOSED
 from server.serving import ClientDisconnected, GenerationService
 from server.sse import TokenEventSourceResponse
 
@@ -37,7 +38,7 @@ router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_
 RESPONSES: dict[int | str, dict[str, object]] = {
     **ERROR_RESPONSES,
     404: {"model": ErrorResponse, "description": "Unknown model"},
-    200: STREAM_DOC,
+    200: event_stream("With `stream: true`: OpenAI's server-sent events, chunks as JSON, the last `[DONE]`.", None),
 }
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
@@ -38,6 +38,7 @@ class InfoResponse(BaseModel):
     slot_ctx: int
     parallel: int
     chat_template: str | None
+    auth_required: bool
 
 
 @router.get("/health", response_model=HealthResponse, responses={503: {"model": ErrorResponse}})
@@ -63,7 +64,7 @@ async def ready(engine: EngineDep, service: ServiceDep) -> ReadyResponse:
 
 
 @router.get("/info", response_model=InfoResponse, responses={503: {"model": ErrorResponse}})
-async def info(engine: EngineDep, service: ServiceDep) -> InfoResponse:
+async def info(engine: EngineDep, service: ServiceDep, request: Request) -> InfoResponse:
     """The loaded model and how the server runs it."""
     if engine.info is None:
         raise unavailable(engine.not_ready_reason(), code=engine.state.value)
@@ -73,6 +74,7 @@ async def info(engine: EngineDep, service: ServiceDep) -> InfoResponse:
         model=service.model_name, path=i.path, description=i.description, architecture=i.architecture,
         n_params=i.n_params, size_bytes=i.size_bytes, n_ctx_train=i.n_ctx_train, ctx_size=s.ctx_size,
         slot_ctx=s.slot_ctx, parallel=s.parallel, chat_template=i.chat_template,
+        auth_required=request.app.state.key_checker.enabled,
     )
 
 
