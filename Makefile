@@ -34,5 +34,8 @@ serve: install
 test: install
 	$(BIN)/python -m pytest
 
+lint: install
+	$(BIN)/ruff check server convert benchmarks tests
+
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 
@@ -25,7 +27,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.requests is None and args.duration is None:
         args.requests = 4 * max(args.concurrency)
-    url, pid, server = args.url, args.pid, nullcontext_value(None)
+    url, pid = args.url, args.pid
+    server: AbstractContextManager[subprocess.Popen[bytes] | None] = nullcontext(None)
     if url is None:  # start our own server for the run
         port = free_port()
         extra = ["--parallel", str(max(args.concurrency)), "--queue-size", "64"]
@@ -45,17 +48,6 @@ def _bench(args: argparse.Namespace) -> int:
                            "max_tokens": args.max_tokens, "requests": args.requests, "duration_s": args.duration})
     print("wrote " + ", ".join(str(f) for f in files))
     return 0 if all(r.ok for r in results) else 1
-
-
-class nullcontext_value:  # noqa: N801 - a context manager that yields a value, like contextlib.nullcontext
-    def __init__(self, value: object) -> None:
-        self.value = value
-
-    def __enter__(self) -> object:
-        return self.value
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _plan(args: argparse.Namespace) -> int:

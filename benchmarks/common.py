@@ -7,8 +7,8 @@ import os
 import socket
 import statistics
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager

@@ -49,7 +49,8 @@ def main() -> None:
         hf_dir = checkpoint_from_gguf(gguf, Path(tmp) / "hf")
         port = free_port()
         cmd = our_server_cmd(port, "--model-path", str(gguf), "--n-threads", str(args.threads),
-                             "--parallel", str(max(levels)), "--ctx-size", str(1024 * max(levels)), "--queue-size", "64")
+                             "--parallel", str(max(levels)), "--ctx-size", str(1024 * max(levels)),
+                             "--queue-size", "64")
         with running(cmd, f"http://127.0.0.1:{port}/ready") as proc:
             load("llama-inference", f"http://127.0.0.1:{port}", "native", proc.pid)
         port = free_port()

@@ -84,7 +84,8 @@ async def _stream(client: httpx.AsyncClient, kind: str, prompt: str, max_tokens:
     return Sample(tokens=n, ttft_s=first - start, decode_tps=(n - 1) / decode if n > 1 and decode > 0 else 0.0)
 
 
-async def run_level(url: str, kind: str, clients: int, per_client: int, max_tokens: int) -> tuple[list[Sample], int, float]:
+async def run_level(url: str, kind: str, clients: int, per_client: int,
+                    max_tokens: int) -> tuple[list[Sample], int, float]:
     samples: list[Sample] = []
     errors = 0
 

@@ -42,7 +42,8 @@ def shapes(layers: int, vocab: int) -> dict[str, tuple[int, ...]]:
     for i in range(layers):
         p = f"model.layers.{i}."
         out |= {p + "input_layernorm.weight": (HIDDEN,), p + "post_attention_layernorm.weight": (HIDDEN,),
-                p + "self_attn.q_proj.weight": (HEADS * hd, HIDDEN), p + "self_attn.k_proj.weight": (KV_HEADS * hd, HIDDEN),
+                p + "self_attn.q_proj.weight": (HEADS * hd, HIDDEN),
+                p + "self_attn.k_proj.weight": (KV_HEADS * hd, HIDDEN),
                 p + "self_attn.v_proj.weight": (KV_HEADS * hd, HIDDEN), p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
                 p + "mlp.gate_proj.weight": (FF, HIDDEN), p + "mlp.up_proj.weight": (FF, HIDDEN),
                 p + "mlp.down_proj.weight": (HIDDEN, FF)}
@@ -96,7 +97,8 @@ def main() -> None:
         sys.exit(proc.stderr)
     peak = int(next(line for line in proc.stderr.splitlines() if line.startswith("VmHWM")).split()[1]) * 1024
     budget = size / 4 + 300e6
-    print(f"checkpoint {size / 1e9:.2f} GB ({args.layers} layers, F16) -> GGUF {(work / 'model.gguf').stat().st_size / 1e9:.2f} GB")
+    gguf_size = (work / "model.gguf").stat().st_size
+    print(f"checkpoint {size / 1e9:.2f} GB ({args.layers} layers, F16) -> GGUF {gguf_size / 1e9:.2f} GB")
     print(f"wall time {wall:.1f} s, {size / 1e6 / wall:.0f} MB/s")
     print(f"peak RSS of the conversion: {peak / 1e6:.0f} MB; budget (size/4 + 300 MB) {budget / 1e6:.0f} MB; "
           f"ratio peak/size {peak / size:.3f} -> {'OK' if peak <= budget else 'OVER BUDGET'}")

@@ -72,7 +72,7 @@ def write_checkpoint(out: Path) -> None:
     pool = (rng.standard_normal(32 * 2**20, dtype=np.float32) * 0.02).astype(np.float16)  # 64 MB of noise
     with (out / "model.safetensors").open("wb") as fh:
         fh.write(struct.pack("<Q", len(raw)) + raw)
-        for name, shape in shapes.items():
+        for shape in shapes.values():
             n = int(np.prod(shape))
             if len(shape) == 1:
                 fh.write(np.ones(n, dtype=np.float16).tobytes())
@@ -95,7 +95,8 @@ def build(work: Path, threads: int) -> Path:
     if not q4.exists():
         t = time.perf_counter()
         write_checkpoint(hf)
-        print(f"checkpoint: {(hf / 'model.safetensors').stat().st_size / 1e9:.1f} GB in {time.perf_counter() - t:.0f} s")
+        size = (hf / "model.safetensors").stat().st_size
+        print(f"checkpoint: {size / 1e9:.1f} GB in {time.perf_counter() - t:.0f} s")
         t = time.perf_counter()
         subprocess.run([sys.executable, "-m", "server", "convert", str(hf), "--outtype", "f16", "--out", str(f16),
                         "--quiet"], check=True)

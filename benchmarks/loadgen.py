@@ -44,7 +44,7 @@ class RequestResult:
 
     @property
     def inter_token(self) -> list[float]:
-        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:], strict=False)]
 
     @property
     def decode_tps(self) -> float:

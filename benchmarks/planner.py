@@ -139,7 +139,8 @@ class Calibration:
     batch_speedup: dict[int, float] = field(default_factory=lambda: {1: 1.0, 2: 1.25, 4: 1.5, 8: 1.7})
 
     def decode_tps(self, weights_bytes: float) -> float:
-        return 1 / (self.seconds_per_token_fixed + weights_bytes / (self.bytes_per_second * DECODE_BANDWIDTH_EFFICIENCY))
+        read_s = weights_bytes / (self.bytes_per_second * DECODE_BANDWIDTH_EFFICIENCY)
+        return 1 / (self.seconds_per_token_fixed + read_s)
 
     def prompt_tps(self, n_params: int) -> float:
         return self.flops_per_second * PROMPT_KERNEL_SPEEDUP / (2 * n_params)

@@ -83,7 +83,8 @@ def main() -> None:
         result = run_soak(args.url, args.pid, args.requests)
     else:
         port = free_port()
-        cmd = our_server_cmd(port, "--parallel", "2", "--queue-size", "2", "--max-tokens-limit", "16")
+        cmd = our_server_cmd(port, "--parallel", "2", "--queue-size", "2", "--max-tokens-limit", "16",
+                             "--default-max-tokens", "8")
         with running(cmd, f"http://127.0.0.1:{port}/ready") as proc:
             result = run_soak(f"http://127.0.0.1:{port}", proc.pid, args.requests)
     counts = {code: result.statuses.count(code) for code in sorted(set(result.statuses))}

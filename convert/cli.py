@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from convert.errors import PipelineError
@@ -78,5 +79,5 @@ def run_pipeline_command(handler, args: argparse.Namespace) -> int:  # type: ign
     try:
         return int(handler(args))
     except PipelineError as exc:
-        print(f"llama-inference: error: {exc}", file=__import__("sys").stderr)
+        print(f"llama-inference: error: {exc}", file=sys.stderr)
         return 1

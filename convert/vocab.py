@@ -14,7 +14,7 @@ from convert.errors import PipelineError
 
 # llama.cpp names its BPE pre-tokenizers (the regular expressions that split text before merging); a
 # tokenizer.json says which it needs through the shape of its `pre_tokenizer`. The shapes known here:
-LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # noqa: E501
 
 
 def detect_bpe_pre(tokenizer_json: dict[str, Any]) -> str:

@@ -13,11 +13,11 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from server import __version__
+from server.body_limit import BodyLimitMiddleware
 from server.engine.core import Engine, EngineState
 from server.errors import install_error_handlers
 from server.metrics import Metrics
 from server.model_files import resolve_model_path
-from server.body_limit import BodyLimitMiddleware
 from server.request_log import RequestLogMiddleware
 from server.routes import native, openai, ops, ui
 from server.security import KeyChecker

@@ -175,8 +175,7 @@ class GenerationService:
         event = result.result()
         self.record(log_fields, event)
         if isinstance(event, ErrorEvent):
-            raise APIError(event.status, event.message, code=event.code,
-                           type="service_unavailable" if event.status == 503 else "server_error")
+            raise APIError(event.status, event.message, code=event.code, type=event.type)
         return event
 
     async def stream(self, handle: RequestHandle, log_fields: dict[str, object] | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -12,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import json
-
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient

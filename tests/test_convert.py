@@ -16,7 +16,6 @@ from tests.conftest import PARAGRAPHS, REPO
 from tests.hf_fixtures import checkpoint_from_gguf
 
 
-
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "server", *args], capture_output=True, text=True, timeout=600,
                           cwd=REPO)

@@ -12,10 +12,10 @@ import httpx
 import psutil
 import pytest
 import schemathesis
-from schemathesis import GenerationMode
-from schemathesis.specs.openapi.checks import positive_data_acceptance
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from benchmarks.soak import run_soak
 from tests.conftest import LiveServer, start_server, stop_server

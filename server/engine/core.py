@@ -14,7 +14,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from server.engine.llama import Batch, LlamaContext, LlamaError, LlamaModel, ModelInfo, system_info
 from server.engine.sampling import Sampler
@@ -35,7 +35,7 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 
 
-class EngineState(str, Enum):
+class EngineState(StrEnum):
     LOADING = "loading"
     READY = "ready"
     FAILED = "failed"

@@ -7,12 +7,12 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from server.engine.sampling import SamplingParams
 
 
-class FinishReason(str, Enum):
+class FinishReason(StrEnum):
     STOP = "stop"  # end-of-generation token or a stop string
     LENGTH = "length"  # max tokens reached, or the slot's context is full
     CANCELLED = "cancelled"  # the client went away
@@ -66,6 +66,11 @@ class ErrorEvent:
     message: str
     status: int = 500  # the HTTP status a non-streamed request answers with
     code: str = "server_error"
+
+    @property
+    def type(self) -> str:
+        """The error envelope's ``type``."""
+        return "service_unavailable" if self.status == 503 else "server_error"
 
 
 Event = TokenEvent | FinalEvent | ErrorEvent

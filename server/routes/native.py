@@ -91,6 +91,5 @@ async def _sse(service: GenerationService, handle: RequestHandle, fields: dict[s
             )
             yield ServerSentEvent(data=done.model_dump_json(), event="done")
         else:
-            error = ErrorChunk(error=ErrorDetail(message=event.message, code=event.code,
-                                                 type="service_unavailable" if event.status == 503 else "server_error"))
+            error = ErrorChunk(error=ErrorDetail(message=event.message, code=event.code, type=event.type))
             yield ServerSentEvent(data=error.model_dump_json(), event="error")

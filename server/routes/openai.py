@@ -25,8 +25,8 @@ from server.openai_protocol import (
     CompletionRequest,
     ModelCard,
     ModelList,
-    Usage,
     SamplingFields,
+    Usage,
 )
 from server.openapi_sse import event_stream
 from server.routes.native import CLIENT_CLOSED
@@ -115,7 +115,9 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
 
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses=RESPONSES)
-async def chat_completions(body: ChatCompletionRequest, request: Request, service: ServiceDep) -> ChatCompletion | Response:
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, service: ServiceDep
+) -> ChatCompletion | Response:
     _check(body, service)
     tokens = await service.chat_tokens(body.template_messages())
     handle, fields = await _start(service, body, tokens, body.limit(), "chatcmpl", request,
@@ -170,7 +172,6 @@ async def _openai_stream(
             if usage_chunk is not None:
                 yield ServerSentEvent(data=usage_chunk(event).model_dump_json())
         else:
-            error = ErrorResponse(error=ErrorDetail(message=event.message, code=event.code,
-                                                    type="service_unavailable" if event.status == 503 else "server_error"))
+            error = ErrorResponse(error=ErrorDetail(message=event.message, code=event.code, type=event.type))
             yield ServerSentEvent(data=error.model_dump_json())
     yield ServerSentEvent(data="[DONE]")
