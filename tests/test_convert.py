@@ -85,9 +85,10 @@ def test_q8_0_quantization_loads_and_generates_coherent_text(smol_f32: Path, mod
     q8 = tmp_path / "smol-q8_0.gguf"
     assert run_cli("quantize", str(smol_f32), str(q8), "--type", "Q8_0").returncode == 0
     assert q8.stat().st_size < smol_f32.stat().st_size / 3
-    proc = run_cli("verify", str(q8))
+    proc = run_cli("verify", str(q8), "--perplexity", str(REPO / "README.md"))
     assert proc.returncode == 0, proc.stderr
     report = dict(line.split(None, 1) for line in proc.stdout.splitlines())
+    assert 5 < float(report["perplexity"]) < 200  # English prose: a real language model, not noise
     assert report["architecture"] == "llama" and report["quantization"] == "Q8_0"
     assert report["tokenizer_round_trip"] == "True"
     assert len(report["sha256"]) == 64

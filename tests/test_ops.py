@@ -109,3 +109,39 @@ def test_default_model_is_the_embedded_smollm2() -> None:
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 90_000_000
     with pytest.raises(ModelFileError, match="not found"):
         resolve_model_path(Path("/no/such.gguf"))
+
+
+def _unknown_architecture_gguf(path: Path) -> Path:
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(path, "nosucharch")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("unknown architecture", "could not load"),
+        ("context the model cannot take", "but the model was trained for 8192"),
+    ],
+)
+def test_start_up_failures_exit_nonzero_with_one_clear_line(tmp_path: Path, case: str, message: str) -> None:
+    if case == "unknown architecture":
+        args = ["--model-path", str(_unknown_architecture_gguf(tmp_path / "odd.gguf"))]
+    else:
+        args = ["--ctx-size", "40000", "--parallel", "1"]
+    server = start_server(tmp_path, *args, wait_ready=False)
+    try:
+        code = server.process.wait(60)
+    finally:
+        stop_server(server)
+    assert code == 1
+    errors = [line for line in server.log().splitlines() if line.startswith("llama-inference: error:")]
+    assert len(errors) == 1 and message in errors[0], server.log()[-2000:]

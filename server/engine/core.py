@@ -225,6 +225,12 @@ class Engine:
         log.info("llama.cpp system info: %s", system_info())
         self.model = LlamaModel(self.model_path, use_mmap=s.use_mmap)  # type: ignore[arg-type]
         self.info = self.model.info()
+        if s.slot_ctx > self.model.n_ctx_train:
+            raise LlamaError(
+                f"each slot would get {s.slot_ctx} tokens of context (CTX_SIZE {s.ctx_size} / PARALLEL "
+                f"{s.parallel}) but the model was trained for {self.model.n_ctx_train}: lower CTX_SIZE or raise "
+                "PARALLEL"
+            )
         self.cache_type = resolve_cache_type(s.cache_type, self.info.kv_bytes(s.ctx_size), s.flash_attn)
         self._ctx = LlamaContext(
             self.model,
@@ -237,11 +243,6 @@ class Engine:
             cache_type=self.cache_type,
         )
         self._batch = Batch(s.batch_size)
-        if s.slot_ctx > self.model.n_ctx_train:
-            log.warning(
-                "each slot has %d tokens of context, more than the %d the model was trained with",
-                s.slot_ctx, self.model.n_ctx_train,
-            )
         log.info(
             "model loaded in %.2fs: %s (%s, %.2f GiB, %d params); %d slots x %d tokens, KV cache %s, mmap %s, "
             "%d threads", time.perf_counter() - t0, self.info.path, self.info.description,
