@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import struct
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from convert.safetensors_io import write_f16_safetensors_streamed
 from server.model_files import embedded_model_path
 from tests.hf_fixtures import checkpoint_from_gguf
 
@@ -58,19 +58,9 @@ def write_checkpoint(directory: Path, layers: int) -> int:
         shutil.copy(tokenizer_src / name, directory / name)
     vocab = json.loads((tokenizer_src / "config.json").read_text())["vocab_size"]
     shutil.rmtree(tokenizer_src)
-    table = shapes(layers, vocab)
-    header, offset = {}, 0
-    for name, shape in table.items():
-        nbytes = int(np.prod(shape)) * 2
-        header[name] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
     rng = np.random.default_rng(0)
-    with (directory / "model.safetensors").open("wb") as fh:
-        fh.write(struct.pack("<Q", len(raw)) + raw)
-        for shape in table.values():
-            fh.write(rng.standard_normal(shape, dtype=np.float32).astype(np.float16).tobytes())
+    write_f16_safetensors_streamed(directory / "model.safetensors", shapes(layers, vocab),
+                                   lambda shape: iter([rng.standard_normal(shape, dtype=np.float32)]))
     config = {"architectures": ["LlamaForCausalLM"], "hidden_size": HIDDEN, "intermediate_size": FF,
               "num_hidden_layers": layers, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
               "vocab_size": vocab, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,

@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -22,6 +22,7 @@ import numpy as np
 import psutil
 
 from benchmarks.common import free_port, our_server_cmd, running
+from convert.safetensors_io import write_f16_safetensors_streamed
 from server.model_files import embedded_model_path
 from tests.hf_fixtures import field
 
@@ -61,27 +62,21 @@ def write_checkpoint(out: Path) -> None:
                    p + "mlp.gate_proj.weight": (N_FF, N_EMBD), p + "mlp.up_proj.weight": (N_FF, N_EMBD),
                    p + "mlp.down_proj.weight": (N_EMBD, N_FF)}
     shapes |= {"model.norm.weight": (N_EMBD,), "lm_head.weight": (N_VOCAB, N_EMBD)}
-    header, offset = {}, 0
-    for name, shape in shapes.items():
-        nbytes = int(np.prod(shape)) * 2
-        header[name] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
     rng = np.random.default_rng(0)
     pool = (rng.standard_normal(32 * 2**20, dtype=np.float32) * 0.02).astype(np.float16)  # 64 MB of noise
-    with (out / "model.safetensors").open("wb") as fh:
-        fh.write(struct.pack("<Q", len(raw)) + raw)
-        for shape in shapes.values():
-            n = int(np.prod(shape))
-            if len(shape) == 1:
-                fh.write(np.ones(n, dtype=np.float16).tobytes())
-                continue
-            while n > 0:  # random windows of the pool: cheap to make, no two tensors alike
-                take = min(n, len(pool) // 2)
-                start = int(rng.integers(0, len(pool) - take))
-                fh.write(pool[start:start + take].tobytes())
-                n -= take
+
+    def fill(shape: tuple[int, ...]) -> Iterator[np.ndarray]:
+        n = int(np.prod(shape))
+        if len(shape) == 1:
+            yield np.ones(n, dtype=np.float16)
+            return
+        while n > 0:  # random windows of the pool: cheap to make, no two tensors alike
+            take = min(n, len(pool) // 2)
+            start = int(rng.integers(0, len(pool) - take))
+            yield pool[start:start + take]
+            n -= take
+
+    write_f16_safetensors_streamed(out / "model.safetensors", shapes, fill)
     config = {"architectures": ["LlamaForCausalLM"], "hidden_size": N_EMBD, "intermediate_size": N_FF,
               "num_hidden_layers": N_LAYER, "num_attention_heads": N_HEAD, "num_key_value_heads": N_HEAD,
               "vocab_size": N_VOCAB, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,3 +155,23 @@ def _encode(array: np.ndarray, dtype: str) -> np.ndarray:
         return array.astype(np.float16)
     bits = array.view(np.uint32)
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # BF16, round to nearest even
+
+
+def write_f16_safetensors_streamed(
+    path: Path, shapes: dict[str, tuple[int, ...]], fill: Callable[[tuple[int, ...]], Iterator[np.ndarray]]
+) -> None:
+    """Write an F16 checkpoint whose tensors ``fill`` yields piece by piece, so that no tensor - let alone the
+    checkpoint - is ever whole in memory (for multi-GB synthetic checkpoints in benchmarks)."""
+    header: dict[str, object] = {}
+    offset = 0
+    for name, shape in shapes.items():
+        nbytes = int(np.prod(shape)) * 2
+        header[name] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with path.open("wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+        for shape in shapes.values():
+            for piece in fill(shape):
+                fh.write(piece.astype(np.float16, copy=False).tobytes())
