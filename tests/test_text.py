@@ -40,3 +40,14 @@ def test_flush_releases_a_held_tail_and_a_broken_character() -> None:
     broken = TextStream()
     assert broken.push(b"x\xe2\x82") == "x"
     assert broken.flush() == "\ufffd"
+
+
+def test_fast_token_event_encoding_equals_sse_starlettes() -> None:
+    from sse_starlette import ServerSentEvent
+
+    from server.protocol import TokenChunk
+    from server.routes.native import token_event
+
+    for text in ["hi", " a\nb\r", 'é"\\', "<|im_end|>", "\u2028x", "\x00", "🎉"]:
+        expected = ServerSentEvent(data=TokenChunk(text=text).model_dump_json(), event="token").encode()
+        assert token_event(text) == expected

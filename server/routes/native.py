@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -75,12 +76,18 @@ async def generate(body: GenerateRequest, request: Request, service: ServiceDep)
     )
 
 
+def token_event(text: str) -> bytes:
+    """A `token` event, encoded once here: it is the hot path of every stream (same bytes as
+    ``ServerSentEvent(data=TokenChunk(text=text).model_dump_json(), event="token")``)."""
+    return b'event: token\r\ndata: {"type":"token","text":' + json.dumps(text, ensure_ascii=False).encode() + b"}\r\n\r\n"
+
+
 async def _sse(service: GenerationService, handle: RequestHandle, fields: dict[str, object]
-               ) -> AsyncIterator[ServerSentEvent]:
+               ) -> AsyncIterator[ServerSentEvent | bytes]:
     async for event in service.stream(handle, fields):
         if isinstance(event, TokenEvent):
             if event.text:
-                yield ServerSentEvent(data=TokenChunk(text=event.text).model_dump_json(), event="token")
+                yield token_event(event.text)
         elif isinstance(event, FinalEvent):
             done = DoneChunk(
                 id=handle.request.request_id,
