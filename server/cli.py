@@ -101,9 +101,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=5,
         proxy_headers=False,  # client addresses are not used; one middleware less per streamed event
     )
-    # The engine thread needs the GIL back the moment llama_decode returns; a shorter switch interval bounds
-    # how long the event loop's thread can keep it (Python's default is 5 ms, half a decode step).
-    sys.setswitchinterval(0.0005)
     server = DrainingServer(config, app, settings.drain_timeout_s)
     server.run()
     if fatal:
