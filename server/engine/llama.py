@@ -181,7 +181,7 @@ CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0,
 
 
 class LlamaContext:
-    """A llama.cpp context: the KV cache of ``n_seq_max`` sequences, shared (unified) among them."""
+    """A llama.cpp context: the KV cache of ``n_seq_max`` sequences, one stream each."""
 
     def __init__(
         self,
@@ -203,8 +203,9 @@ class LlamaContext:
         params.n_seq_max = n_seq_max
         params.n_threads = n_threads
         params.n_threads_batch = n_threads_batch
-        # One cache shared by all slots: any mix of sequences can go into one batch.
-        params.kv_unified = True
+        # One KV stream per slot (n_ctx / n_seq_max cells each): a sequence attends only over its own cells,
+        # not over the cached prefixes other slots keep for reuse (+10-15% aggregate at 4 and 8 clients).
+        params.kv_unified = False
         params.no_perf = True
         params.flash_attn_type = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
