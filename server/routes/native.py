@@ -79,7 +79,8 @@ async def generate(body: GenerateRequest, request: Request, service: ServiceDep)
 def token_event(text: str) -> bytes:
     """A `token` event, encoded once here: it is the hot path of every stream (same bytes as
     ``ServerSentEvent(data=TokenChunk(text=text).model_dump_json(), event="token")``)."""
-    return b'event: token\r\ndata: {"type":"token","text":' + json.dumps(text, ensure_ascii=False).encode() + b"}\r\n\r\n"
+    payload = json.dumps(text, ensure_ascii=False).encode()
+    return b'event: token\r\ndata: {"type":"token","text":' + payload + b"}\r\n\r\n"
 
 
 async def _sse(service: GenerationService, handle: RequestHandle, fields: dict[str, object]
