@@ -16,6 +16,7 @@ from server import __version__
 from server.body_limit import BodyLimitMiddleware
 from server.engine.core import Engine, EngineState
 from server.errors import install_error_handlers
+from server.json_body import JsonBodyMiddleware
 from server.metrics import Metrics
 from server.model_files import resolve_model_path
 from server.request_log import RequestLogMiddleware
@@ -67,6 +68,7 @@ def create_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = N
             CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
             allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type", "X-API-Key"],
         )
+    app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestLogMiddleware)
     install_error_handlers(app)
