@@ -119,9 +119,9 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request, service: ServiceDep
 ) -> ChatCompletion | Response:
     _check(body, service)
-    tokens = await service.chat_tokens(body.template_messages())
-    handle, fields = await _start(service, body, tokens, body.limit(), "chatcmpl", request,
-                                  body.template_messages())
+    messages = body.template_messages()
+    tokens = await service.chat_tokens(messages)
+    handle, fields = await _start(service, body, tokens, body.limit(), "chatcmpl", request, messages)
     created = int(time.time())
     req: GenerationRequest = handle.request
     if body.stream:
