@@ -20,10 +20,6 @@ from server.settings import Settings
 DISCONNECT_POLL_S = 0.1
 
 
-class ClientDisconnected(Exception):
-    """The client went away before its answer was ready; the request was cancelled."""
-
-
 class GenerationService:
     def __init__(self, engine: Engine, settings: Settings, model_name: str) -> None:
         self.engine = engine
@@ -157,8 +153,8 @@ class GenerationService:
     async def complete(
         self, handle: RequestHandle, is_disconnected: Callable[[], Awaitable[bool]],
         log_fields: dict[str, object] | None = None,
-    ) -> FinalEvent:
-        """Wait for the whole answer; cancel the request if the client disconnects meanwhile."""
+    ) -> FinalEvent | None:
+        """Wait for the whole answer. If the client disconnects meanwhile, cancel the request and return None."""
         result = asyncio.ensure_future(handle.result())
         try:
             while True:
@@ -167,7 +163,7 @@ class GenerationService:
                     break
                 if await is_disconnected():
                     handle.cancel()
-                    raise ClientDisconnected(handle.request.request_id)
+                    return None
         finally:
             if not result.done():
                 handle.cancel()

@@ -21,7 +21,7 @@ from server.protocol import (
     TokenChunk,
     UsageInfo,
 )
-from server.serving import ClientDisconnected, GenerationService
+from server.serving import GenerationService
 from server.sse import TokenEventSourceResponse
 
 router = APIRouter(tags=["generate"], dependencies=[Depends(require_api_key)])
@@ -62,9 +62,8 @@ async def generate(body: GenerateRequest, request: Request, service: ServiceDep)
     handle = service.submit(gen_request)
     if body.stream:
         return TokenEventSourceResponse(_sse(service, handle, fields))
-    try:
-        final = await service.complete(handle, request.is_disconnected, fields)
-    except ClientDisconnected:
+    final = await service.complete(handle, request.is_disconnected, fields)
+    if final is None:  # the client went away; its request was cancelled
         return Response(status_code=CLIENT_CLOSED)
     return GenerateResponse(
         id=request_id,

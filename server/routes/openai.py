@@ -30,7 +30,7 @@ from server.openai_protocol import (
 )
 from server.openapi_sse import event_stream
 from server.routes.native import CLIENT_CLOSED
-from server.serving import ClientDisconnected, GenerationService
+from server.serving import GenerationService
 from server.sse import TokenEventSourceResponse
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
@@ -103,9 +103,8 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
             _openai_stream(service, handle, chunk, usage_chunk if body.include_usage else None, first=None,
                            fields=fields)
         )
-    try:
-        final = await service.complete(handle, request.is_disconnected, fields)
-    except ClientDisconnected:
+    final = await service.complete(handle, request.is_disconnected, fields)
+    if final is None:  # the client went away; its request was cancelled
         return Response(status_code=CLIENT_CLOSED)
     return Completion(
         id=req.request_id, created=created, model=service.model_name,
@@ -140,9 +139,8 @@ async def chat_completions(
             _openai_stream(service, handle, chunk, usage_chunk if body.include_usage else None, first=first,
                            fields=fields)
         )
-    try:
-        final = await service.complete(handle, request.is_disconnected, fields)
-    except ClientDisconnected:
+    final = await service.complete(handle, request.is_disconnected, fields)
+    if final is None:  # the client went away; its request was cancelled
         return Response(status_code=CLIENT_CLOSED)
     return ChatCompletion(
         id=req.request_id, created=created, model=service.model_name,
