@@ -91,6 +91,7 @@ class _Slot:
     tokens: list[int] = field(default_factory=list)  # tokens whose KV cells this sequence holds, in order
     active: _Active | None = None
     last_used: float = 0.0
+    scope: str = ""  # cache_scope of the request that filled ``tokens``
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -310,13 +311,16 @@ class Engine:
         prompt = handle.request.prompt_tokens
         # Reuse the free slot whose cached tokens share the longest prefix with this prompt; else the one
         # unused the longest. At least one prompt token is always decoded, to get logits for the first sample.
+        scope = handle.request.cache_scope
         if handle.request.cache_prompt:
-            slot = max(free, key=lambda s: (_common_prefix(s.tokens, prompt), -s.last_used))
-            keep = min(_common_prefix(slot.tokens, prompt), len(prompt) - 1)
+            slot = max(free, key=lambda s: (_common_prefix(s.tokens, prompt) if s.scope == scope else 0,
+                                            -s.last_used))
+            keep = min(_common_prefix(slot.tokens, prompt), len(prompt) - 1) if slot.scope == scope else 0
         else:
             slot, keep = min(free, key=lambda s: s.last_used), 0
         self._ctx.seq_rm(slot.seq_id, keep, -1)
         del slot.tokens[keep:]
+        slot.scope = scope
         assert self.model is not None
         sampler = Sampler(handle.request.sampling, self.model.n_vocab)
         if handle.request.sampling.has_penalties:

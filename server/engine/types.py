@@ -30,6 +30,10 @@ class GenerationRequest:
     request_id: str = ""
     cache_prompt: bool = True  # reuse a slot's KV for a shared prompt prefix
     ignore_eos: bool = False  # generate max_tokens even past end-of-generation tokens (benchmarks)
+    # Who may share this request's cached prompt prefix: a slot's KV cells are reused only by a request with
+    # the same scope as the slot's last request (e.g. a hash of the API key), so one client cannot time
+    # another's prompts through cached_tokens or TTFT. Empty: the unscoped pool.
+    cache_scope: str = ""
 
 
 @dataclass(frozen=True)
