@@ -12,7 +12,12 @@ install: $(VENV)/.installed system-deps
 # the playground. Installed when missing and when this runs as root with apt-get (as in CI); elsewhere those
 # tests are skipped with a reason.
 SYSTEM_PACKAGES := nix-bin chromium chromium-driver
+# checkov (tests/test_k8s.py) in an environment of its own: its pins (packaging<24) conflict with pytest's.
+CHECKOV := checkov==3.3.30
 system-deps:
+	@test -x $(VENV)/checkov/bin/checkov && $(VENV)/checkov/bin/pip show checkov 2>/dev/null | grep -qx "Version: $(subst checkov==,,$(CHECKOV))" \
+		|| { $(PYTHON) -m venv $(VENV)/checkov && $(VENV)/checkov/bin/pip install --quiet $(CHECKOV); } \
+		|| echo "warning: could not install $(CHECKOV); the checkov tests will be skipped"
 	@if { ! command -v nix-instantiate || ! command -v chromedriver; } >/dev/null 2>&1 \
 		&& command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; } \
