@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.settings import Settings
 
 
 def _levels(text: str) -> list[int]:
@@ -50,11 +53,29 @@ def _bench(args: argparse.Namespace) -> int:
     return 0 if all(r.ok for r in results) else 1
 
 
+# The settings of `serve` that the plan depends on: `plan` takes them as the same flags, environment variables
+# and defaults (server/cli.py adds the flags from server.settings.Settings).
+PLAN_SETTINGS = ("ctx_size", "parallel", "n_threads", "batch_size", "cache_type", "use_mmap", "flash_attn")
+
+
+def plan_settings(args: argparse.Namespace) -> Settings:
+    """The Settings `serve` would run with, given the same flags (and environment)."""
+    from server.settings import Settings
+
+    return Settings(**{name: getattr(args, name) for name in PLAN_SETTINGS if hasattr(args, name)})
+
+
 def _plan(args: argparse.Namespace) -> int:
-    from benchmarks.planner import SHAPES, calibrate, make_plan, render, shape_from_gguf
+    from pydantic import ValidationError
+
+    from benchmarks.planner import SHAPES, calibrate, make_plan, render, resolved_cache_type, shape_from_gguf
     from convert.errors import PipelineError
     from server.model_files import resolve_model_path
 
+    try:
+        settings = plan_settings(args)
+    except ValidationError as exc:
+        raise PipelineError(f"invalid settings: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from exc
     weights = None
     if args.gguf:
         path = Path(args.gguf)
@@ -67,12 +88,14 @@ def _plan(args: argparse.Namespace) -> int:
         shape, quant = SHAPES[args.shape], args.quant
     calibration = None
     if args.calibrate:
-        calibration = calibrate(resolve_model_path(Path(args.calibration_model) if args.calibration_model else None),
-                                threads=args.calibration_threads)
-    plan = make_plan(shape, quant=quant, weights_bytes=weights, ctx_size=args.ctx_size, parallel=args.parallel,
-                     cores=args.cores, kv_type=args.kv_type, use_mmap=not args.no_mmap, calibration=calibration,
-                     calibration_cores=args.calibration_threads, prompt_tokens=args.prompt_tokens,
-                     output_tokens=args.output_tokens, target_rps=args.target_rps)
+        # The target GGUF itself when it is at hand (a direct measurement), else the embedded model, scaled.
+        model = Path(args.calibration_model) if args.calibration_model else Path(args.gguf) if args.gguf else None
+        calibration = calibrate(resolve_model_path(model), threads=args.calibration_threads,
+                                streams=(1, settings.parallel) if model else (1,),
+                                cache_type=resolved_cache_type(shape, settings) if model else "f16")
+    plan = make_plan(shape, quant=quant, settings=settings, weights_bytes=weights, model_path=args.gguf,
+                     calibration=calibration, prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens,
+                     target_rps=args.target_rps)
     if args.json:
         from dataclasses import asdict
 
@@ -99,23 +122,25 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=_bench)
 
-    p = sub.add_parser("plan", help="Predict memory, speed and Kubernetes sizing for a model.")
+    p = sub.add_parser("plan", help="Predict memory, speed and Kubernetes sizing for a model.",
+                       description="Predict the memory, speed and Kubernetes sizing of a pod running `serve` with "
+                       "the settings given (same flags, environment variables and defaults as `serve`), and print "
+                       "the environment to deploy it with.")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--gguf", default=None, help="read the shape from this GGUF")
-    src.add_argument("--shape", default="llama-2-7b", help="a named shape: llama-2-7b, llama-2-13b, llama-3-8b")
-    p.add_argument("--quant", default="Q4_K_M")
-    p.add_argument("--ctx-size", type=int, default=4096)
-    p.add_argument("--parallel", type=int, default=2)
-    p.add_argument("--cores", type=int, default=os.cpu_count() or 2)
-    p.add_argument("--kv-type", choices=["f16", "q8_0", "f32"], default="f16")
-    p.add_argument("--no-mmap", action="store_true", help="the server runs with USE_MMAP=false")
-    p.add_argument("--calibrate", action="store_true", help="measure this machine's speed first (seconds)")
-    p.add_argument("--calibration-model", default=None)
-    p.add_argument("--calibration-threads", type=int, default=2)
-    p.add_argument("--prompt-tokens", type=int, default=100)
-    p.add_argument("--output-tokens", type=int, default=200)
-    p.add_argument("--target-rps", type=float, default=None, help="requests/s the deployment must serve")
-    p.add_argument("--json", action="store_true")
+    src.add_argument("--gguf", default=None, help="read the shape from this GGUF (and calibrate on it)")
+    src.add_argument("--shape", default="llama-2-7b", help="a named shape: " + ", ".join(
+        ("llama-2-7b", "llama-2-13b", "llama-3-8b", "smollm2-135m")))
+    p.add_argument("--quant", default="Q4_K_M", help="quantization of a named shape")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure this machine's speed first (about 30 s; a 7B GGUF takes longer to load)")
+    p.add_argument("--calibration-model", default=None,
+                   help="GGUF to decode for the calibration (default: --gguf, else the embedded model)")
+    p.add_argument("--calibration-threads", type=int, default=2, help="threads of the calibration decode")
+    p.add_argument("--prompt-tokens", type=int, default=100, help="prompt length of a typical request")
+    p.add_argument("--output-tokens", type=int, default=200, help="tokens generated by a typical request")
+    p.add_argument("--target-rps", type=float, default=None,
+                   help="requests/s the deployment must serve (needs --calibrate)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(handler=_plan)
 
 

@@ -1,21 +1,29 @@
 """Capacity planner: memory, speed and Kubernetes sizing of a llama-inference pod, from a model's shape.
 
-    llama-inference plan --shape llama-2-7b --quant Q4_K_M --ctx-size 4096 --parallel 2 --cores 4
+    llama-inference plan --shape llama-2-7b --quant Q4_K_M --ctx-size 4096 --parallel 2 --n-threads 4
     llama-inference plan --gguf models/llama-2-7b.Q4_K_M.gguf --calibrate --target-rps 2
+
+The server's settings (context, slots, threads, KV-cache type, mmap...) are a :class:`server.settings.Settings`,
+the object ``serve`` runs with: same flags, same environment variables, same defaults, and the plan prints the
+environment that makes ``serve`` run as planned.
 
 Memory is modelled from llama.cpp's allocations: the weights (the GGUF's tensor data, or parameters x bits per
 weight of the quantization), the KV cache (2 x layers x context x KV width x bytes per element), the compute
 buffers (logits and activations of one micro-batch), and the process itself. Speed comes from a calibration
-run on this machine (``--calibrate``): decoding is bound by memory bandwidth (every token reads all weights),
-prompt processing by arithmetic (2 FLOPs per parameter per token), so the rates measured on the embedded model
-scale to another model by its size.
+run on this machine (``--calibrate``): a short real decode of the target GGUF when it is at hand (alone and with
+every slot busy), else of the embedded model, scaled by size: decoding is bound by memory bandwidth (every token
+reads all weights), prompt processing by arithmetic (2 FLOPs per parameter per token).
 """
 
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from server.settings import Settings
 
 GIB = 2**30
 
@@ -126,21 +134,41 @@ def predict_memory(shape: Shape, *, weights_bytes: float, quant: str, ctx_size: 
 # as numpy's float32 matrix product.
 DECODE_BANDWIDTH_EFFICIENCY = 0.8
 PROMPT_KERNEL_SPEEDUP = 1.4
+# Aggregate decode speed with n streams over one stream, when the target model was not measured: batching
+# reads the weights once for all streams, so a bandwidth-bound model gains until arithmetic catches up.
+DEFAULT_BATCH_SPEEDUP = {1: 1.0, 2: 1.25, 4: 1.5, 8: 1.7}
+HEADROOM = 1.15  # allocator slack, page cache, growth of Python objects
+UTILIZATION = 0.7  # share of a pod's capacity planned to be used (room for bursts)
 
 
 @dataclass
 class Calibration:
-    """This machine's rates: memory bandwidth, matrix-product speed, and llama-inference's fixed cost per
-    decoded token (measured on the embedded model, whose weights are too small to matter)."""
+    """This machine's rates: memory bandwidth, matrix-product speed, llama-inference's fixed cost per decoded
+    token, and the decode rates measured on ``model`` (alone, and with several streams batched)."""
 
     bytes_per_second: float  # memory read bandwidth with the calibration threads
     flops_per_second: float  # float32 matrix product
     seconds_per_token_fixed: float = 0.0
-    batch_speedup: dict[int, float] = field(default_factory=lambda: {1: 1.0, 2: 1.25, 4: 1.5, 8: 1.7})
+    batch_speedup: dict[int, float] = field(default_factory=lambda: dict(DEFAULT_BATCH_SPEEDUP))
+    model: str = ""  # the GGUF decoded
+    threads: int = 2
+    weights_bytes: float = 0.0  # of that GGUF
+    measured_tps: dict[int, float] = field(default_factory=dict)  # streams -> aggregate tok/s measured
+
+    def measured(self, weights_bytes: float) -> bool:
+        """Whether the decode rates were measured on this very model (same tensor bytes)."""
+        return bool(self.measured_tps) and abs(self.weights_bytes - weights_bytes) <= 0.01 * weights_bytes
 
     def decode_tps(self, weights_bytes: float) -> float:
+        if self.measured(weights_bytes) and 1 in self.measured_tps:
+            return self.measured_tps[1]
         read_s = weights_bytes / (self.bytes_per_second * DECODE_BANDWIDTH_EFFICIENCY)
         return 1 / (self.seconds_per_token_fixed + read_s)
+
+    def aggregate_tps(self, weights_bytes: float, parallel: int) -> float:
+        if self.measured(weights_bytes) and parallel in self.measured_tps:
+            return self.measured_tps[parallel]
+        return self.decode_tps(weights_bytes) * self.speedup(parallel)
 
     def prompt_tps(self, n_params: int) -> float:
         return self.flops_per_second * PROMPT_KERNEL_SPEEDUP / (2 * n_params)
@@ -158,6 +186,8 @@ class Plan:
     ctx_size: int
     parallel: int
     cores: int
+    cache_type: str
+    use_mmap: bool
     memory_gib: dict[str, float]
     decode_tps: float | None
     aggregate_tps: float | None
@@ -167,41 +197,91 @@ class Plan:
     requests_cpu: str
     capacity_rps_per_pod: float | None
     replicas: int | None
+    env: dict[str, str]  # what `serve` must run with for this plan to hold
+    assumptions: list[str]
+    notes: list[str]
 
 
 def gib_string(value: float) -> str:
     return f"{math.ceil(value / GIB)}Gi"
 
 
-def make_plan(shape: Shape, *, quant: str, weights_bytes: float | None = None, ctx_size: int = 4096,
-              parallel: int = 2, cores: int = 4, kv_type: str = "f16", use_mmap: bool = True,
-              calibration: Calibration | None = None, calibration_cores: int = 2, prompt_tokens: int = 100,
-              output_tokens: int = 200, target_rps: float | None = None, utilization: float = 0.7) -> Plan:
+def resolved_cache_type(shape: Shape, settings: Settings) -> str:
+    """The KV-cache type the server will use for this model (it resolves ``auto`` the same way)."""
+    from server.engine.core import resolve_cache_type
+
+    f16_bytes = 2 * shape.n_layer * settings.ctx_size * shape.kv_width * KV_BYTES["f16"]
+    return resolve_cache_type(settings.cache_type, f16_bytes, settings.flash_attn)
+
+
+def deploy_env(settings: Settings, cache_type: str, model_path: str | None = None) -> dict[str, str]:
+    """The environment of a ``serve`` that runs as planned: every setting the plan depends on, spelled out."""
+    env = {"MODEL_PATH": model_path} if model_path else {}
+    env.update({
+        "CTX_SIZE": str(settings.ctx_size), "PARALLEL": str(settings.parallel), "N_THREADS": str(settings.n_threads),
+        "BATCH_SIZE": str(settings.batch_size), "CACHE_TYPE": cache_type,
+        "USE_MMAP": str(settings.use_mmap).lower(), "FLASH_ATTN": str(settings.flash_attn).lower(),
+    })
+    return env
+
+
+def make_plan(shape: Shape, *, quant: str, settings: Settings, weights_bytes: float | None = None,
+              model_path: str | None = None, calibration: Calibration | None = None, prompt_tokens: int = 100,
+              output_tokens: int = 200, target_rps: float | None = None,
+              utilization: float = UTILIZATION) -> Plan:
+    """Memory, speed and sizing of a pod that runs ``serve`` with ``settings`` on this model."""
+    assumptions: list[str] = []
+    notes: list[str] = []
     if weights_bytes is None:
         weights_bytes = shape.n_params * BITS_PER_WEIGHT[quant] / 8
-    mem = predict_memory(shape, weights_bytes=weights_bytes, quant=quant, ctx_size=ctx_size, kv_type=kv_type,
-                         use_mmap=use_mmap)
+        assumptions.append(f"weights: {shape.n_params / 1e9:.2f} B parameters x {BITS_PER_WEIGHT[quant]} bits "
+                           f"({quant}'s average on LLaMA-shaped models); pass --gguf FILE for the exact size")
+    else:
+        assumptions.append(f"weights: {weights_bytes / GIB:.2f} GiB of tensor data read from the GGUF")
+    cache_type = resolved_cache_type(shape, settings)
+    if settings.cache_type == "auto":
+        assumptions.append(f"KV cache {cache_type}: CACHE_TYPE=auto picks q8_0 when an f16 cache would pass 1 GiB")
+    mem = predict_memory(shape, weights_bytes=weights_bytes, quant=quant, ctx_size=settings.ctx_size,
+                         batch_size=settings.batch_size, kv_type=cache_type, use_mmap=settings.use_mmap)
+    assumptions.append(f"memory headroom x{HEADROOM} over the sum (allocator slack, page cache); runtime "
+                       f"{RUNTIME_BYTES / GIB:.2f} GiB")
     decode = aggregate = ttft = capacity = None
     replicas = None
     if calibration is not None:
-        # Decoding is bandwidth-bound and scales little with cores; prompt processing scales with them.
         decode = calibration.decode_tps(weights_bytes)
-        aggregate = decode * calibration.speedup(parallel)
-        ttft = prompt_tokens / (calibration.prompt_tps(shape.n_params) * cores / calibration_cores)
-        seconds_per_request = ttft / parallel + output_tokens / aggregate
+        aggregate = calibration.aggregate_tps(weights_bytes, settings.parallel)
+        if calibration.measured(weights_bytes):
+            assumptions.append(f"decode measured on this machine on {calibration.model} with {calibration.threads} "
+                               f"threads: " + ", ".join(f"{n} stream{'s' if n > 1 else ''} {tps:.2f} tok/s"
+                                                        for n, tps in sorted(calibration.measured_tps.items())))
+        else:
+            assumptions.append(
+                f"decode scaled from {calibration.model or 'the embedded model'} measured with {calibration.threads} "
+                f"threads: memory bandwidth {calibration.bytes_per_second / 1e9:.1f} GB/s at "
+                f"{DECODE_BANDWIDTH_EFFICIENCY:.0%}, fixed {calibration.seconds_per_token_fixed * 1e3:.1f} ms/token; "
+                f"{settings.parallel} streams assumed {calibration.speedup(settings.parallel):g}x one stream")
+        # Prompt processing is arithmetic-bound and scales with threads; decoding is bandwidth-bound and does not.
+        ttft = prompt_tokens / (calibration.prompt_tps(shape.n_params) * settings.n_threads / calibration.threads)
+        assumptions.append(f"requests of {prompt_tokens} prompt tokens and {output_tokens} generated tokens "
+                           f"(--prompt-tokens, --output-tokens); prompts at {calibration.flops_per_second / 1e9:.0f} "
+                           f"GFLOP/s x {PROMPT_KERNEL_SPEEDUP} scaled to {settings.n_threads} threads")
+        seconds_per_request = ttft / settings.parallel + output_tokens / aggregate
         capacity = 1 / seconds_per_request
         if target_rps is not None:
             replicas = max(1, math.ceil(target_rps / (capacity * utilization)))
-    headroom = 1.15  # allocator slack, page cache of the mapped file's hot pages, growth of Python objects
+            assumptions.append(f"replicas run at {utilization:.0%} of their capacity")
+    elif target_rps is not None:
+        notes.append("replicas: not computed: --target-rps needs the speed of this machine; add --calibrate")
     return Plan(
-        shape=shape.name, quant=quant, ctx_size=ctx_size, parallel=parallel, cores=cores,
+        shape=shape.name, quant=quant, ctx_size=settings.ctx_size, parallel=settings.parallel,
+        cores=settings.n_threads, cache_type=cache_type, use_mmap=settings.use_mmap,
         memory_gib={k: round(v / GIB, 2) for k, v in {**asdict(mem), "total": mem.total}.items()},
         decode_tps=None if decode is None else round(decode, 2),
         aggregate_tps=None if aggregate is None else round(aggregate, 2),
         ttft_s=None if ttft is None else round(ttft, 2),
-        requests_memory=gib_string(mem.total * headroom), limits_memory=gib_string(mem.total * headroom),
-        requests_cpu=str(cores), capacity_rps_per_pod=None if capacity is None else round(capacity, 3),
-        replicas=replicas,
+        requests_memory=gib_string(mem.total * HEADROOM), limits_memory=gib_string(mem.total * HEADROOM),
+        requests_cpu=str(settings.n_threads), capacity_rps_per_pod=None if capacity is None else round(capacity, 3),
+        replicas=replicas, env=deploy_env(settings, cache_type, model_path), assumptions=assumptions, notes=notes,
     )
 
 
@@ -237,57 +317,78 @@ def matmul_flops(n: int = 2048) -> float:
     return 2 * n**3 / ((time.perf_counter() - start) / 3)
 
 
-def calibrate(model_path: Path, threads: int = 2, n_tokens: int = 64) -> Calibration:
-    """Measure this machine: memory bandwidth, matrix-product speed, and the embedded model's decode rate
-    (which, with weights this small, is mostly the fixed cost of a step)."""
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def measure_decode(model_path: Path, *, threads: int, streams: tuple[int, ...], n_tokens: int, cache_type: str,
+                   progress: Callable[[str], None]) -> dict[int, float]:
+    """Aggregate decode tok/s of ``model_path`` with each number of streams batched together, as the server's
+    engine decodes them (one llama_decode per step, one token per stream)."""
     import time
 
     from server.engine.llama import Batch, LlamaContext, LlamaModel
-    from server.engine.sampling import Sampler, SamplingParams
 
-    shape, _, weights_bytes = shape_from_gguf(model_path)
-    model = LlamaModel(model_path)
-    ctx = LlamaContext(model, n_ctx=1024, n_batch=512, n_seq_max=1, n_threads=threads, n_threads_batch=threads)
-    sampler = Sampler(SamplingParams(temperature=0), model.n_vocab)
+    progress(f"calibrating: loading {model_path.name}")
+    model = LlamaModel(model_path, use_mmap=True)  # mapped: loads fastest; decode speed is the same
+    rates: dict[int, float] = {}
     try:
-        prompt = (model.tokenize("The history of lighthouses is long and full of stories. " * 40))[:400]
-        batch = Batch(512)
-        for _ in range(2):  # warm-up, then measured
-            ctx.clear()
-            batch.clear()
-            batch.add(prompt, 0, 0, True)
-            start = time.perf_counter()
-            ctx.decode(batch)
-            prompt_s = time.perf_counter() - start
-        pos, token = len(prompt), sampler.sample(ctx.ptr, batch.n_tokens - 1)
-        start = time.perf_counter()
-        for _ in range(n_tokens):
-            batch.clear()
-            batch.add_one(token, pos, 0)
-            ctx.decode(batch)
-            token = sampler.sample(ctx.ptr, 0)
-            pos += 1
-        decode_s = (time.perf_counter() - start) / n_tokens
+        prompt = model.tokenize("The history of lighthouses is long and full of stories. " * 4)[:32]
+        for n in streams:
+            ctx = LlamaContext(model, n_ctx=n * 256, n_batch=max(64, 32 * n), n_seq_max=n, n_threads=threads,
+                               n_threads_batch=threads, cache_type=cache_type, flash_attn=True)
+            try:
+                batch = Batch(max(64, 32 * n))
+                for seq in range(n):
+                    batch.add(prompt, 0, seq, True)
+                ctx.decode(batch)
+                progress(f"calibrating: decoding {n_tokens} tokens x {n} stream{'s' if n > 1 else ''} "
+                         f"with {threads} threads")
+                start = time.perf_counter()
+                for step in range(n_tokens):
+                    batch.clear()
+                    for seq in range(n):
+                        batch.add([prompt[step % len(prompt)]], len(prompt) + step, seq, True)
+                    ctx.decode(batch)
+                rates[n] = n * n_tokens / (time.perf_counter() - start)
+            finally:
+                ctx.close()
     finally:
-        sampler.close()
-        ctx.close()
         model.close()
-    del prompt_s
+    return rates
+
+
+def calibrate(model_path: Path, threads: int = 2, n_tokens: int = 32, streams: tuple[int, ...] = (1,),
+              cache_type: str = "f16", progress: Callable[[str], None] = _stderr) -> Calibration:
+    """Measure this machine: memory bandwidth, matrix-product speed, and ``model_path``'s decode rate alone and
+    with each number of ``streams``. Progress goes to ``progress`` (stderr)."""
+    shape, _, weights_bytes = shape_from_gguf(model_path)
+    rates = measure_decode(model_path, threads=threads, streams=tuple(sorted({1, *streams})), n_tokens=n_tokens,
+                           cache_type=cache_type, progress=progress)
+    progress(f"calibrating: memory bandwidth with {threads} threads")
     bandwidth = memory_bandwidth(threads)
-    fixed = max(0.0, decode_s - weights_bytes / (bandwidth * DECODE_BANDWIDTH_EFFICIENCY))
-    return Calibration(bytes_per_second=bandwidth, flops_per_second=matmul_flops(), seconds_per_token_fixed=fixed)
+    progress("calibrating: matrix-product speed")
+    flops = matmul_flops()
+    fixed = max(0.0, 1 / rates[1] - weights_bytes / (bandwidth * DECODE_BANDWIDTH_EFFICIENCY))
+    progress(f"calibrated on {model_path.name}: " + ", ".join(f"{n} x {r / n:.2f} tok/s" for n, r in rates.items()) +
+             f"; {bandwidth / 1e9:.1f} GB/s; {flops / 1e9:.0f} GFLOP/s")
+    return Calibration(bytes_per_second=bandwidth, flops_per_second=flops, seconds_per_token_fixed=fixed,
+                       model=model_path.name, threads=threads, weights_bytes=weights_bytes, measured_tps=rates)
 
 
 def render(plan: Plan) -> str:
     m = plan.memory_gib
+    copy_label = "repacked copy beside the mapped file (USE_MMAP=true)" if plan.use_mmap else \
+        "repacked copy beside the mapped file (none: USE_MMAP=false)"
     lines = [
-        f"model {plan.shape} {plan.quant}, context {plan.ctx_size} in {plan.parallel} slots, {plan.cores} cores",
+        f"model {plan.shape} {plan.quant}, context {plan.ctx_size} in {plan.parallel} slots, {plan.cores} threads, "
+        f"KV cache {plan.cache_type}, mmap {'on' if plan.use_mmap else 'off'}",
         "",
         "| memory | GiB |",
         "|---|---|",
         f"| weights | {m['weights']} |",
-        f"| repacked copy of the weights (mmap on) | {m['weights_repacked_copy']} |",
-        f"| KV cache | {m['kv_cache']} |",
+        f"| {copy_label} | {m['weights_repacked_copy']} |",
+        f"| KV cache ({plan.cache_type}) | {m['kv_cache']} |",
         f"| compute buffers | {m['compute']} |",
         f"| runtime | {m['runtime']} |",
         f"| **total** | **{m['total']}** |",
@@ -301,11 +402,15 @@ def render(plan: Plan) -> str:
             (f"; replicas for the target: {plan.replicas}" if plan.replicas is not None else ""),
             "",
         ]
+    else:
+        lines += ["speed: not predicted; add --calibrate to measure this machine (about 30 s)", ""]
+    lines += [*plan.notes, "", "assumptions:", *(f"- {a}" for a in plan.assumptions), ""] if plan.notes else \
+        ["assumptions:", *(f"- {a}" for a in plan.assumptions), ""]
     lines += [
         "Kubernetes:",
         f"  resources: {{requests: {{cpu: \"{plan.requests_cpu}\", memory: {plan.requests_memory}}}, "
         f"limits: {{cpu: \"{plan.requests_cpu}\", memory: {plan.limits_memory}}}}}",
-        "  env: " + f"N_THREADS={plan.cores} CTX_SIZE={plan.ctx_size} PARALLEL={plan.parallel}",
+        "  env: " + " ".join(f"{k}={v}" for k, v in plan.env.items()),
         "",
         "the seed (transformers, LLaMA 2 7B): memory 8-16 GB, CPU 2-4 cores per pod",
     ]

@@ -17,7 +17,7 @@ from server.body_limit import BodyLimitMiddleware
 from server.engine.core import Engine, EngineState
 from server.errors import install_error_handlers
 from server.json_body import JsonBodyMiddleware
-from server.metrics import Metrics
+from server.metrics import HttpMetricsMiddleware, Metrics
 from server.model_files import resolve_model_path
 from server.request_log import RequestLogMiddleware
 from server.routes import native, openai, ops, ui
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def model_name(settings: Settings, path: Path) -> str:
-    return settings.model_alias or path.name.removesuffix(".gguf")
+    return settings.served_model_name[0] if settings.served_model_name else path.name.removesuffix(".gguf")
 
 
 def create_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
@@ -48,6 +48,7 @@ def create_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = N
         app.state.metrics = metrics
         app.state.engine = engine
         app.state.service = GenerationService(engine, settings, model_name(settings, path))
+        metrics.bind_model(_model_labels(engine, settings, model_name(settings, path)))
         engine.start()
         watcher = asyncio.create_task(_watch_load(engine, on_fatal))
         try:
@@ -71,6 +72,7 @@ def create_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = N
     app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestLogMiddleware)
+    app.add_middleware(HttpMetricsMiddleware)
     install_error_handlers(app)
     app.include_router(native.router)
     app.include_router(openai.router)
@@ -79,6 +81,26 @@ def create_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = N
         app.include_router(ui.router)
         app.mount("/static", StaticFiles(directory=ui.STATIC_DIR), name="static")
     return app
+
+
+def _model_labels(engine: Engine, settings: Settings, name: str) -> Callable[[], dict[str, str]]:
+    """The labels of ``llama_model_info``; the quantization and KV-cache type are read once the model loaded."""
+    known: dict[str, str] = {}
+
+    def labels() -> dict[str, str]:
+        if not known and engine.state is EngineState.READY and engine.model is not None:
+            import gguf
+
+            file_type = engine.model.meta("general.file_type")
+            try:
+                known["quantization"] = gguf.LlamaFileType(int(file_type or -1)).name.removeprefix("MOSTLY_")
+            except ValueError:
+                known["quantization"] = "unknown"
+            known["cache_type"] = str(getattr(engine, "cache_type", settings.cache_type))
+        return {"model": name, "quantization": known.get("quantization", ""), "ctx_size": str(settings.ctx_size),
+                "slots": str(settings.parallel), "cache_type": known.get("cache_type", ""), "version": __version__}
+
+    return labels
 
 
 async def _watch_load(engine: Engine, on_fatal: Callable[[str], None] | None) -> None:

@@ -80,30 +80,52 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
 _TYPE_TAG = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|[a-z-]+\[.*\]|[A-Z]\w*)$")
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+def _json_error_message(exc: RequestValidationError, first: dict[str, object]) -> str:
+    """Where a body that is not JSON breaks, as a line and column (the parser gives a character offset)."""
+    loc = first.get("loc", ())
+    pos = loc[-1] if isinstance(loc, tuple) and loc and isinstance(loc[-1], int) else None
+    reason = (first.get("ctx") or {}).get("error", "invalid JSON")  # type: ignore[union-attr]
+    body = exc.body.decode("utf-8", "replace") if isinstance(exc.body, bytes) else str(exc.body or "")
+    if pos is None:
+        return f"the request body is not valid JSON: {reason}"
+    line = body.count("\n", 0, pos) + 1
+    column = pos - (body.rfind("\n", 0, pos) + 1) + 1
+    return f"the request body is not valid JSON: {reason} at line {line}, column {column}"
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str]:
+    """(message, param, code) of a request that failed validation."""
     first = exc.errors()[0] if exc.errors() else {}
+    if first.get("type") == "json_invalid":
+        return _json_error_message(exc, first), None, "invalid_json"
     loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _TYPE_TAG.match(str(p))]
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid request")
-    return (f"{param}: {msg}" if param else msg), param
+    return (f"{param}: {msg}" if param else msg), param, "invalid_value"
+
+
+def _answer(request: Request, exc: APIError) -> JSONResponse:
+    """The error's response; its code is left in the request's state for the metrics and the log line."""
+    request.state.error_code = exc.detail.code or exc.detail.type
+    return exc.response()
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return _answer(request, exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
-        return APIError(400, message, param=param, code="invalid_value").response()
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param, code = _validation_message(exc)
+        return _answer(request, APIError(400, message, param=param, code=code))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return APIError(
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _answer(request, APIError(
             exc.status_code, str(exc.detail), type=_HTTP_TYPES.get(exc.status_code, "invalid_request_error"),
             headers=getattr(exc, "headers", None),
-        ).response()
+        ))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

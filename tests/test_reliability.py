@@ -142,7 +142,7 @@ def test_fifty_streaming_clients_drop_and_everything_is_freed(tmp_path_factory: 
             assert metric(c, "llama_kv_cache_tokens") == 0  # cancelled requests gave back their KV cells
             assert c.post("/generate", json={"prompt": "Calm again", "max_length": 4}).status_code == 200
             cancelled = sum(float(line.split()[-1]) for line in c.get("/metrics").text.splitlines()
-                            if line.startswith('llama_requests_total{outcome="cancelled"}'))
+                            if line.startswith('llama_requests_finished_total{finish_reason="cancelled"}'))
         assert cancelled >= 90
         # 100 dropped clients, yet the threads stay within the pool's bound: none is left per client.
         assert proc.num_threads() <= threads_before + pool_size

@@ -52,8 +52,15 @@ def _usage(final: FinalEvent) -> Usage:
                  total_tokens=u.prompt_tokens + u.completion_tokens)
 
 
+def _known_model(name: str, service: GenerationService) -> bool:
+    """Any name is accepted while one model is served (clients hard-code 'gpt-3.5-turbo' and the like); with
+    STRICT_MODEL_NAME only the served name and its aliases."""
+    return not service.settings.strict_model_name or name in (service.model_name,
+                                                               *service.settings.served_model_name)
+
+
 def _check(body: SamplingFields, service: GenerationService) -> None:
-    if body.model != service.model_name:
+    if not _known_model(body.model, service):
         raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{service.model_name}'",
                        type="invalid_request_error", param="model", code="model_not_found")
     problem = body.unsupported()
@@ -79,7 +86,7 @@ async def list_models(service: ServiceDep) -> ModelList:
 
 @router.get("/models/{model_id:path}", response_model=ModelCard, responses={404: {"model": ErrorResponse}})
 async def get_model(model_id: str, service: ServiceDep) -> ModelCard:
-    if model_id != service.model_name:
+    if model_id not in (service.model_name, *service.settings.served_model_name):
         raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
     return ModelCard(id=service.model_name, created=service.created)
 

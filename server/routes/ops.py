@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
@@ -28,7 +30,7 @@ class ReadyResponse(BaseModel):
 
 class InfoResponse(BaseModel):
     model: str
-    path: str
+    file: str  # the GGUF's file name; never its directory, which tells clients about the host
     description: str
     architecture: str
     n_params: int
@@ -71,7 +73,7 @@ async def info(engine: EngineDep, service: ServiceDep, request: Request) -> Info
     i = engine.info
     s = engine.settings
     return InfoResponse(
-        model=service.model_name, path=i.path, description=i.description, architecture=i.architecture,
+        model=service.model_name, file=Path(i.path).name, description=i.description, architecture=i.architecture,
         n_params=i.n_params, size_bytes=i.size_bytes, n_ctx_train=i.n_ctx_train, ctx_size=s.ctx_size,
         slot_ctx=s.slot_ctx, parallel=s.parallel, chat_template=i.chat_template,
         auth_required=request.app.state.key_checker.enabled,
