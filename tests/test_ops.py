@@ -52,6 +52,43 @@ def test_metrics_count_requests_and_tokens(http: httpx.Client) -> None:
     assert "llama_time_to_first_token_seconds_bucket" in after
 
 
+def _series(text: str, name: str) -> dict[str, float]:
+    """Every sample of one metric family: {'name{labels}': value}."""
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith(name + "{") or line.startswith(name + " ")}
+
+
+def test_metrics_have_no_created_series_and_name_the_model(http: httpx.Client) -> None:
+    text = http.get("/metrics").text
+    assert "_created" not in text
+    [info] = _series(text, "llama_model_info").items()
+    assert info == ('llama_model_info{cache_type="f16",ctx_size="8192",model="SmolLM2-135M-Instruct.Q4_1",'
+                    'quantization="Q4_1",slots="4",version="0.1.0"}', 1.0)
+    assert _series(text, "process_resident_memory_bytes")["process_resident_memory_bytes"] > 100e6
+    assert "process_cpu_seconds_total" in text
+
+
+def test_metrics_count_statuses_and_finish_reasons_apart(http: httpx.Client) -> None:
+    before = http.get("/metrics").text
+    assert http.post("/generate", json={"prompt": "Count:", "max_length": 3, "ignore_eos": True}).status_code == 200
+    assert http.post("/generate", json={"prompt": "Count:", "max_length": -1}).status_code == 400
+    assert http.post("/v1/completions", json={"model": "m", "prompt": "word " * 3000}).status_code == 400
+    after = http.get("/metrics").text
+
+    def delta(name: str, labels: str) -> float:
+        key = f"{name}{{{labels}}}"
+        return _series(after, name).get(key, 0.0) - _series(before, name).get(key, 0.0)
+
+    http_requests = "llama_http_requests_total"
+    assert delta(http_requests, 'code="",route="/generate",status="200"') == 1
+    assert delta(http_requests, 'code="invalid_value",route="/generate",status="400"') == 1
+    assert delta(http_requests, 'code="context_length_exceeded",route="/v1/completions",status="400"') == 1
+    assert delta("llama_requests_finished_total", 'finish_reason="length"') == 1
+    # Finish reasons and refusals are separate families; neither carries HTTP statuses.
+    assert not [k for k in _series(after, "llama_requests_finished_total") if "rejected" in k or "status" in k]
+    assert "llama_requests_total" not in after
+
+
 def test_ready_is_503_with_a_body_and_serve_exits_nonzero_when_the_model_cannot_load(tmp_path: Path) -> None:
     broken = tmp_path / "truncated.gguf"
     broken.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 64)  # the magic, then nothing usable
@@ -83,7 +120,7 @@ def test_ready_stays_503_in_process_when_the_model_fails(
     [
         (["--model-path", "/nonexistent/model.gguf"], "model file not found: /nonexistent/model.gguf"),
         (["--model-path", str(REPO / "pyproject.toml")], "not a GGUF file"),
-        (["--port", "0"], "invalid setting port"),
+        (["--port", "0"], "invalid --port (PORT): Input should be greater than or equal to 1"),
         (["--parallel", "64", "--ctx-size", "512"], "tokens per slot"),
     ],
 )
