@@ -1,12 +1,17 @@
-"""Flox environments: manifests valid against the official schema; the runtime service really starts the server."""
+"""Flox environments: complete (env.json as Flox writes it), manifests valid against Flox's schema, the runtime
+installing what the build publishes, and the runtime's hook and service really starting the server.
+
+As in tests/test_k8s.py, each check is a function; the mutation tests break a copy of flox/ and show it failing."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import time
-import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -14,67 +19,209 @@ import jsonschema
 import pytest
 
 from server.model_files import embedded_model_path
-from tests.conftest import REPO, free_port
+from tests.conftest import free_port
+from tests.deployment import (
+    BUILD_ENV,
+    FLOX,
+    REPO,
+    RUNTIME_ENV,
+    built_packages,
+    env_pointer,
+    manifest,
+    runnable,
+    walkthrough,
+)
 
 # The official schema is not copied into the project: it lies in shared/ beside the checkout (as in CI), or where
 # FLOX_MANIFEST_SCHEMA says.
 SCHEMA = Path(os.environ.get("FLOX_MANIFEST_SCHEMA", REPO.parent / "shared" / "flox" / "manifest-v1.schema.json"))
-MANIFESTS = [REPO / "flox/llama-build/.flox/env/manifest.toml", REPO / "flox/llama-runtime/.flox/env/manifest.toml"]
-RUNTIME = MANIFESTS[1]
+ENVS = [BUILD_ENV, RUNTIME_ENV]
+needs_schema = pytest.mark.skipif(
+    not SCHEMA.is_file(),
+    reason=f"Flox's manifest schema is not at {SCHEMA} (it lives in ../shared/flox/ in CI; set FLOX_MANIFEST_SCHEMA "
+    "to a copy of flox/flox's cli/schemas/manifest-v1.schema.json)")
 
 
-@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.parts[-4])
-def test_manifest_validates_against_the_flox_schema(path: Path) -> None:
-    schema = json.loads(SCHEMA.read_text())
-    jsonschema.validate(tomllib.loads(path.read_text()), schema)
+# ---- the checks ----
+
+def check_environment(env_dir: Path) -> None:
+    """`.flox/env.json` as Flox writes it for a path environment (flox's PathPointer: a name and version 1),
+    named after its folder, beside `.flox/env/manifest.toml`."""
+    assert (env_dir / ".flox" / "env.json").is_file(), f"{env_dir}: no .flox/env.json, so not a Flox environment"
+    pointer = env_pointer(env_dir)
+    assert pointer == {"name": env_dir.name, "version": 1}, pointer
+    assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", pointer["name"])
+    assert (env_dir / ".flox" / "env" / "manifest.toml").is_file()
 
 
-def test_a_broken_manifest_is_caught_by_the_schema() -> None:
-    schema = json.loads(SCHEMA.read_text())
-    manifest = tomllib.loads(RUNTIME.read_text())
-    manifest["services"]["llama-server"]["comand"] = "typo"
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(manifest, schema)
+def check_runtime_installs_what_the_build_publishes(runtime: Path, build: Path) -> None:
+    """Every package of the runtime environment is owner/<a package `flox build` defines>, one owner for all."""
+    published = built_packages(build)
+    paths = [spec["pkg-path"] for spec in manifest(runtime)["install"].values()]
+    assert len({p.split("/")[0] for p in paths}) == 1, paths
+    missing = [p for p in paths if p.split("/", 1)[1] not in published]
+    assert not missing, f"installed but never built: {missing} (builds: {sorted(published)})"
+    assert manifest(build)["install"], "flox publish needs at least one package in the build environment"
 
 
-def service_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    manifest = tomllib.loads(RUNTIME.read_text())
-    env = {k: v for k, v in os.environ.items() if k not in manifest["vars"]}
-    env.update(manifest["vars"])
-    env.update({"PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}", "FLOX_ENV_CACHE": str(tmp_path / "cache"),
-                "HOST": "127.0.0.1", "N_THREADS": "2"})
+def check_model_file(runtime: Path, build: Path) -> None:
+    """MODEL_FILE is the file the model package installs: <name>.<quant>.gguf of .flox/pkgs/llama-model.nix."""
+    expression = (build / ".flox" / "pkgs" / "llama-model.nix").read_text()
+    name = re.search(r'^\s*name = "([^"]+)";', expression, re.M)
+    quant = re.search(r'^\s*quant = "([^"]+)";', expression, re.M)
+    assert name and quant, "llama-model.nix does not set name and quant"
+    assert manifest(runtime)["vars"]["MODEL_FILE"] == f"{name[1]}.{quant[1]}.gguf"
+
+
+def activation(runtime: Path, flox_env: Path, cache: Path, **extra: str) -> tuple[str, dict[str, str]]:
+    """What `flox activate --start-services` runs, as a script and its environment: [vars] exported, the
+    on-activate hook, then the service's command. On loopback, 2 threads, a free port."""
+    m = manifest(runtime)
+    env = {k: v for k, v in os.environ.items() if k not in m["vars"] and k != "MODEL_PATH"}
+    env.update(m["vars"])
+    env.update({"PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}", "FLOX_ENV": str(flox_env),
+                "FLOX_ENV_CACHE": str(cache), "HOST": "127.0.0.1", "N_THREADS": "2", "PORT": str(free_port())})
     env.update(extra)
-    return env
+    script = m.get("hook", {}).get("on-activate", "") + "\n" + m["services"]["llama-server"]["command"]
+    return script, env
 
 
-def test_runtime_service_starts_the_server_on_the_model(tmp_path: Path) -> None:
-    command = tomllib.loads(RUNTIME.read_text())["services"]["llama-server"]["command"]
-    port = free_port()
-    env = service_env(tmp_path, MODEL_PATH=str(embedded_model_path()), PORT=str(port))
-    proc = subprocess.Popen(["bash", "-c", command], env=env, cwd=tmp_path)
+def flox_env_with_model(tmp_path: Path, runtime: Path) -> Path:
+    """$FLOX_ENV as the model package lays it out: share/models/$MODEL_FILE (the embedded model stands in)."""
+    models = tmp_path / "flox-env" / "share" / "models"
+    models.mkdir(parents=True)
+    (models / manifest(runtime)["vars"]["MODEL_FILE"]).symlink_to(embedded_model_path())
+    return tmp_path / "flox-env"
+
+
+def check_service_serves(runtime: Path, tmp_path: Path) -> None:
+    """The hook finds the model package's file and the service serves it, with the manifest's settings."""
+    cache = tmp_path / "cache"
+    script, env = activation(runtime, flox_env_with_model(tmp_path, runtime), cache)
+    errors = tmp_path / "service.stderr"
+    with errors.open("wb") as err:
+        proc = subprocess.Popen(["bash", "-c", script], env=env, cwd=tmp_path, stderr=err)
+    url = f"http://127.0.0.1:{env['PORT']}"
     try:
-        deadline = time.monotonic() + 60
-        ready = None
+        deadline, ready = time.monotonic() + 60, None
         while time.monotonic() < deadline and proc.poll() is None:
             try:
-                ready = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1)
+                ready = httpx.get(url + "/ready", timeout=1)
                 if ready.status_code == 200:
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
-        assert ready is not None and ready.status_code == 200, (tmp_path / "cache/logs/llama-server.log").read_text()
+        assert ready is not None and ready.status_code == 200, errors.read_text()
         assert ready.json()["slots"] == int(env["PARALLEL"])
+        answer = httpx.post(url + "/generate", json={"prompt": "The capital of France is", "max_length": 4},
+                            timeout=60).json()
+        assert answer["usage"]["completion_tokens"] >= 1
     finally:
         proc.terminate()
         code = proc.wait(30)
     assert code == 0  # SIGTERM drains and exits 0
-    log = (tmp_path / "cache/logs/llama-server.log").read_text()
+    log = (cache / "logs/llama-server.log").read_text()
     assert '"message": "Uvicorn running on' in log  # LOG_JSON from the manifest's [vars]
 
 
-def test_runtime_service_refuses_a_missing_model(tmp_path: Path) -> None:
-    command = tomllib.loads(RUNTIME.read_text())["services"]["llama-server"]["command"]
-    env = service_env(tmp_path, MODEL_PATH=str(tmp_path / "absent.gguf"), PORT=str(free_port()))
-    proc = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=30)
+def check_service_refuses_a_missing_model(runtime: Path, tmp_path: Path) -> None:
+    """No model file: the service stops at once with one line naming MODEL_PATH, before starting the server."""
+    script, env = activation(runtime, tmp_path / "empty-env", tmp_path / "cache",
+                             MODEL_PATH=str(tmp_path / "absent.gguf"))
+    proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
-    assert "MODEL_PATH does not name a file" in proc.stderr and "absent.gguf" in proc.stderr
+    assert "MODEL_PATH does not name a file" in proc.stderr and "absent.gguf" in proc.stderr, proc.stderr
+    assert not (tmp_path / "cache" / "logs" / "llama-server.log").exists()
+
+
+# ---- the real files pass ----
+
+@pytest.mark.parametrize("env_dir", ENVS, ids=lambda p: p.name)
+def test_environment_is_complete(env_dir: Path) -> None:
+    check_environment(env_dir)
+
+
+@needs_schema
+@pytest.mark.parametrize("env_dir", ENVS, ids=lambda p: p.name)
+def test_manifest_validates_against_the_flox_schema(env_dir: Path) -> None:
+    jsonschema.validate(manifest(env_dir), json.loads(SCHEMA.read_text()))
+
+
+@needs_schema
+def test_a_broken_manifest_is_caught_by_the_schema() -> None:
+    broken = manifest(RUNTIME_ENV)
+    broken["services"]["llama-server"]["comand"] = "typo"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, json.loads(SCHEMA.read_text()))
+
+
+def test_runtime_installs_what_the_build_publishes() -> None:
+    check_runtime_installs_what_the_build_publishes(RUNTIME_ENV, BUILD_ENV)
+    check_model_file(RUNTIME_ENV, BUILD_ENV)
+    assert built_packages() == {"llama-server", "llama-model"}
+
+
+def test_runtime_service_starts_the_server_on_the_model_package(tmp_path: Path) -> None:
+    check_service_serves(RUNTIME_ENV, tmp_path)
+
+
+def test_runtime_service_refuses_a_missing_model(tmp_path: Path) -> None:
+    check_service_refuses_a_missing_model(RUNTIME_ENV, tmp_path)
+
+
+def test_readme_publishes_one_package_per_call_and_marks_what_needs_flox() -> None:
+    commands = walkthrough(FLOX / "README.md")
+    publishes = [c.split("#")[0].split() for c in commands if c.startswith("flox publish")]
+    published = [args[-1] for args in publishes]
+    assert all(len([a for a in args[2:] if not a.startswith("-")]) == 2 for args in publishes)  # -o owner + 1
+    assert sorted(published) == sorted(built_packages())
+    for command in runnable(commands):  # the rest run here, as written
+        proc = subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0, (command, proc.stderr)
+    readme = (FLOX / "README.md").read_text()
+    assert "## Lock policy" in readme and "manifest.lock" in readme
+
+
+# ---- mutations ----
+
+def mutated(tmp_path: Path, path: str, old: str | None, new: str = "") -> Path:
+    """A copy of flox/ with one replacement in one file (old=None: the file deleted)."""
+    root = tmp_path / "flox"
+    shutil.copytree(FLOX, root)
+    target = root / path
+    if old is None:
+        target.unlink()
+    else:
+        text = target.read_text()
+        assert old in text, f"{old!r} not in {path}"
+        target.write_text(text.replace(old, new, 1))
+    return root
+
+
+RUNTIME_MANIFEST = "llama-runtime/.flox/env/manifest.toml"
+MUTATIONS: dict[str, tuple[str, str | None, str, Callable[[Path, Path], None]]] = {
+    "missing env.json": ("llama-runtime/.flox/env.json", None, "",
+                         lambda r, t: check_environment(r / "llama-runtime")),
+    "env.json of another environment": ("llama-build/.flox/env.json", '"llama-build"', '"llama-runtime"',
+                                        lambda r, t: check_environment(r / "llama-build")),
+    "a package name the build does not define": (
+        RUNTIME_MANIFEST, '"owner/llama-model"', '"owner/llama-2-7b-model"',
+        lambda r, t: check_runtime_installs_what_the_build_publishes(r / "llama-runtime", r / "llama-build")),
+    "model file the package does not install": (
+        RUNTIME_MANIFEST, 'MODEL_FILE = "llama-2-7b.Q4_K_M.gguf"', 'MODEL_FILE = "llama-2-7b.Q5_K_M.gguf"',
+        lambda r, t: check_model_file(r / "llama-runtime", r / "llama-build")),
+    "service hook removed": (
+        RUNTIME_MANIFEST, 'export MODEL_PATH="${MODEL_PATH:-$FLOX_ENV/share/models/$MODEL_FILE}"', "true",
+        lambda r, t: check_service_serves(r / "llama-runtime", t)),
+    "MODEL_PATH check removed": (
+        RUNTIME_MANIFEST, 'if [ -z "${MODEL_PATH:-}" ] || [ ! -f "$MODEL_PATH" ]; then', "if false; then",
+        lambda r, t: check_service_refuses_a_missing_model(r / "llama-runtime", t)),
+}
+
+
+@pytest.mark.parametrize("mutation", MUTATIONS)
+def test_each_mutation_is_caught(tmp_path: Path, mutation: str) -> None:
+    path, old, new, check = MUTATIONS[mutation]
+    root = mutated(tmp_path, path, old, new)
+    with pytest.raises(AssertionError):
+        check(root, tmp_path)
