@@ -20,7 +20,7 @@ from server.json_body import JsonBodyMiddleware
 from server.metrics import HttpMetricsMiddleware, Metrics
 from server.model_files import resolve_model_path
 from server.request_log import RequestLogMiddleware
-from server.routes import native, openai, ops, ui
+from server.routes import native, openai, ops, tokenize, ui
 from server.security import KeyChecker
 from server.serving import GenerationService
 from server.settings import Settings
@@ -76,6 +76,7 @@ def create_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = N
     install_error_handlers(app)
     app.include_router(native.router)
     app.include_router(openai.router)
+    app.include_router(tokenize.router)
     app.include_router(ops.router)
     if settings.ui:
         app.include_router(ui.router)

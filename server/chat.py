@@ -8,11 +8,13 @@ text of a control token, the prompt is tokenized piece by piece, with the messag
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import jinja2
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from server.engine.llama import LlamaModel
@@ -45,39 +47,49 @@ class ChatFormatter:
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         try:
             self._template = env.from_string(template)
+            variables = jinja2.meta.find_undeclared_variables(env.parse(template))
         except jinja2.TemplateError as exc:
             raise ChatTemplateError(f"chat template does not compile: {exc}") from exc
+        # Templates written for tool calling read a ``tools`` variable; others get server/tools.py's format.
+        self.accepts_tools = "tools" in variables
         self.source = template
         self._model = model
         self.bos_text = model.token_to_piece(model.bos, special=True).decode("utf-8", "replace")
         self.eos_text = model.token_to_piece(model.eos, special=True).decode("utf-8", "replace")
         self._control_texts = model.control_token_texts()
 
-    def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+               tools: list[dict[str, Any]] | None = None) -> str:
+        extra = {"tools": tools} if tools else {}
         try:
             return self._template.render(
                 messages=list(messages),
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_text,
                 eos_token=self.eos_text,
+                **extra,
             )
         except ChatTemplateError:
             raise
         except jinja2.TemplateError as exc:
             raise ChatTemplateError(f"chat template failed: {exc}") from exc
 
-    def tokenize(self, messages: Sequence[dict[str, str]]) -> list[int]:
+    def tokenize(self, messages: Sequence[Mapping[str, Any]], tools: list[dict[str, Any]] | None = None
+                 ) -> list[int]:
         """Tokens of the rendered prompt, with the template's markers as control tokens."""
-        contents = [m.get("content", "") for m in messages]
+        contents = [m.get("content") or "" for m in messages]
         if not any(text in content for content in contents for text in self._control_texts):
-            return self._drop_double_bos(self._model.tokenize(self.render(messages), parse_special=True))
-        return self._tokenize_pieces(messages)
+            return self._drop_double_bos(self._model.tokenize(self.render(messages, tools=tools),
+                                                              parse_special=True))
+        return self._tokenize_pieces(messages, tools)
 
-    def _tokenize_pieces(self, messages: Sequence[dict[str, str]]) -> list[int]:
+    def _tokenize_pieces(self, messages: Sequence[Mapping[str, Any]], tools: list[dict[str, Any]] | None
+                         ) -> list[int]:
         # Render with a unique marker in place of each message, then tokenize the template's text with
         # special-token parsing and each message as plain text.
         markers = [f"\x00msg-{uuid.uuid4().hex}-{i}\x00" for i in range(len(messages))]
-        rendered = self.render([{**m, "content": marker} for m, marker in zip(messages, markers, strict=True)])
+        rendered = self.render([{**m, "content": marker} for m, marker in zip(messages, markers, strict=True)],
+                               tools=tools)
         tokens: list[int] = []
         rest = rendered
         for message, marker in zip(messages, markers, strict=True):

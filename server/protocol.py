@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from server.engine.sampling import SamplingParams
 from server.engine.types import FinalEvent
-from server.errors import ErrorDetail
+from server.errors import ErrorDetail, bad_request
+from server.grammar import SchemaError, schema_to_grammar
 
 MAX_STOP_STRINGS = 16
 
@@ -53,6 +54,13 @@ class GenerateRequest(BaseModel):
     ignore_eos: bool = Field(
         default=False, description="Keep generating past end-of-text tokens until max_length (for benchmarks)."
     )
+    grammar: str | None = Field(
+        default=None, min_length=1, max_length=100_000,
+        description="A GBNF grammar (llama.cpp's grammars/README.md) the output must match; its start rule is "
+        "`root`.")
+    json_schema: dict[str, Any] | bool | None = Field(
+        default=None, description="A JSON Schema the output must validate against (the subset a grammar can "
+        "enforce; other keywords are refused by name).")
     cache_prompt: bool = Field(
         default=True,
         description="Reuse the KV cache of a slot whose tokens share a prefix with this prompt. Greedy output "
@@ -68,6 +76,21 @@ class GenerateRequest(BaseModel):
     def stop_strings(self) -> tuple[str, ...]:
         return stop_tuple(self.stop)
 
+    def grammar_text(self) -> str | None:
+        """The grammar to constrain the output with: ``grammar`` as given, or ``json_schema`` converted."""
+        if self.grammar is not None and self.json_schema is not None:
+            raise bad_request("give grammar or json_schema, not both", param="json_schema", code="invalid_value")
+        if self.json_schema is None:
+            return self.grammar
+        try:
+            return schema_to_grammar(self.json_schema)
+        except SchemaError as exc:
+            raise bad_request(str(exc), param="json_schema", code="unsupported_schema") from exc
+
+    @property
+    def grammar_param(self) -> str:
+        return "json_schema" if self.json_schema is not None else "grammar"
+
     def to_sampling(self) -> SamplingParams:
         return SamplingParams(
             temperature=self.temperature,
@@ -76,6 +99,7 @@ class GenerateRequest(BaseModel):
             min_p=self.min_p,
             repeat_penalty=self.repeat_penalty,
             seed=self.seed,
+            grammar=self.grammar_text(),
         )
 
 
@@ -148,3 +172,38 @@ class ErrorChunk(BaseModel):
 
     type: Literal["error"] = "error"
     error: ErrorDetail
+
+
+class TokenizeRequest(BaseModel):
+    """llama-server's ``POST /tokenize``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    content: str = Field(description="Text to tokenize.")
+    add_special: bool = Field(default=False, description="Add the model's BOS token (as llama-server does).")
+    parse_special: bool = Field(
+        default=True, description="Read control-token text such as `<|im_end|>` as that token (llama-server's "
+        "default).")
+    with_pieces: bool = Field(default=False, description="Answer each token with its text piece.")
+
+
+class TokenPiece(BaseModel):
+    id: int
+    piece: str | list[int] = Field(description="The token's text, or its bytes when they are not valid UTF-8 "
+                                   "alone (part of a character).")
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int] | list[TokenPiece]
+
+
+class DetokenizeRequest(BaseModel):
+    """llama-server's ``POST /detokenize``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    tokens: list[int] = Field(description="Token ids to turn back into text.")
+
+
+class DetokenizeResponse(BaseModel):
+    content: str

@@ -9,10 +9,11 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from server.chat import ChatFormatter, ChatTemplateError, load_template
 from server.engine.core import Engine, EngineNotReady, EngineOverloaded, EngineState
-from server.engine.sampling import SamplingParams
+from server.engine.sampling import SamplingParams, grammar_parses
 from server.engine.types import ErrorEvent, Event, FinalEvent, GenerationRequest, RequestHandle, TokenEvent
 from server.errors import APIError, bad_request, overloaded, unavailable
 from server.settings import Settings
@@ -46,17 +47,18 @@ class GenerationService:
         except EngineNotReady as exc:
             raise unavailable(str(exc)) from exc
 
-    async def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+    async def chat_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+                          ) -> list[int]:
         """The chat prompt rendered with the model's template and tokenized (off the event loop)."""
         for i, message in enumerate(messages):
             try:
-                message.get("content", "").encode("utf-8")
+                (message.get("content") or "").encode("utf-8")
             except UnicodeEncodeError as exc:
                 raise bad_request("message content is not valid Unicode (it holds a lone surrogate)",
                                   param=f"messages.{i}.content", code="invalid_value") from exc
         formatter = self.chat_formatter()
         try:
-            return await asyncio.to_thread(formatter.tokenize, messages)
+            return await asyncio.to_thread(formatter.tokenize, messages, tools)
         except ChatTemplateError as exc:
             raise bad_request(str(exc), param="messages", code="invalid_chat") from exc
 
@@ -71,6 +73,15 @@ class GenerationService:
                                   param="messages", code="no_chat_template")
             self._chat = ChatFormatter(template, model)
         return self._chat
+
+    async def check_grammar(self, grammar: str, param: str) -> None:
+        """A 400 for a grammar llama.cpp cannot parse (its log says where), before the request takes a slot."""
+        model = self.engine.model
+        if model is None or self.engine.state is not EngineState.READY:
+            raise unavailable(self.engine.not_ready_reason())
+        if not await asyncio.to_thread(grammar_parses, model.vocab, grammar):
+            raise bad_request("the grammar does not parse (GBNF; see llama.cpp's grammars/README.md)", param=param,
+                              code="invalid_grammar")
 
     def _check_token_ids(self, tokens: list[int]) -> list[int]:
         n_vocab = self.engine.model.n_vocab if self.engine.model is not None else 0
@@ -91,8 +102,11 @@ class GenerationService:
         max_tokens_param: str = "max_length",
         cache_prompt: bool = True,
         ignore_eos: bool = False,
+        grammar_param: str = "grammar",
     ) -> GenerationRequest:
         """Tokenize and check a request against the limits and the context, before it takes a slot."""
+        if sampling.grammar is not None:
+            await self.check_grammar(sampling.grammar, grammar_param)
         if max_tokens is not None and max_tokens > self.settings.max_tokens_limit:
             raise bad_request(
                 f"{max_tokens_param} is {max_tokens}; this server allows at most {self.settings.max_tokens_limit}",
@@ -152,10 +166,11 @@ class GenerationService:
 
     async def complete(
         self, handle: RequestHandle, is_disconnected: Callable[[], Awaitable[bool]],
-        log_fields: dict[str, object] | None = None,
+        log_fields: dict[str, object] | None = None, on_token: Callable[[TokenEvent], None] | None = None,
     ) -> FinalEvent | None:
-        """Wait for the whole answer. If the client disconnects meanwhile, cancel the request and return None."""
-        result = asyncio.ensure_future(handle.result())
+        """Wait for the whole answer (``on_token`` sees each token on the way). If the client disconnects
+        meanwhile, cancel the request and return None."""
+        result = asyncio.ensure_future(handle.result() if on_token is None else _result(handle, on_token))
         try:
             while True:
                 done, _ = await asyncio.wait({result}, timeout=DISCONNECT_POLL_S)
@@ -184,3 +199,12 @@ class GenerationService:
                 yield event
         finally:
             handle.cancel()
+
+
+async def _result(handle: RequestHandle, on_token: Callable[[TokenEvent], None]) -> FinalEvent | ErrorEvent:
+    async for event in handle.events():
+        if isinstance(event, TokenEvent):
+            on_token(event)
+        else:
+            return event
+    raise AssertionError("unreachable: events() always ends with a final or error event")

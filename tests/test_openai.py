@@ -143,7 +143,7 @@ def test_errors_use_the_sdk_exception_types(client: openai.OpenAI) -> None:
         client.completions.create(model=MODEL, prompt="word " * 3000, max_tokens=4)
     assert too_long.value.code == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError) as n_two:
-        client.chat.completions.create(model=MODEL, messages=MESSAGES, n=2)  # type: ignore[arg-type]
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, n=2, stream=True)  # type: ignore[arg-type]
     assert n_two.value.param == "n"
     with pytest.raises(openai.BadRequestError) as bad_temp:
         client.completions.create(model=MODEL, prompt="hi", temperature=5)

@@ -322,7 +322,7 @@ class Engine:
         del slot.tokens[keep:]
         slot.scope = scope
         assert self.model is not None
-        sampler = Sampler(handle.request.sampling, self.model.n_vocab)
+        sampler = Sampler(handle.request.sampling, self.model.n_vocab, self.model.vocab)
         if handle.request.sampling.has_penalties:
             for token in prompt[-handle.request.sampling.penalty_last_n:]:
                 sampler.accept(token)
@@ -397,7 +397,7 @@ class Engine:
         a.n_generated += 1
         a.last_token = token
         delta = a.text.push(self.model.token_to_piece(token))
-        a.handle.publish(TokenEvent(token=token, text=delta))
+        a.handle.publish(TokenEvent(token=token, text=delta, logprob=a.sampler.last_logprob))
         if a.text.stopped:
             self._finish(slot, FinishReason.STOP)
         elif a.n_generated >= a.handle.request.max_tokens or a.n_past + 1 >= self.slot_ctx:

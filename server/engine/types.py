@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from server.engine.sampling import SamplingParams
+from server.engine.sampling import SamplingParams, TokenLogprob
 
 
 class FinishReason(StrEnum):
@@ -55,6 +55,7 @@ class Timings:
 class TokenEvent:
     token: int
     text: str  # the text this token completes (may be empty: part of a character, or held for a stop string)
+    logprob: TokenLogprob | None = None  # only for requests that asked for logprobs
 
 
 @dataclass(frozen=True)

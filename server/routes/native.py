@@ -56,6 +56,7 @@ async def generate(body: GenerateRequest, request: Request, service: ServiceDep)
         request_id=request_id,
         cache_prompt=body.cache_prompt,
         ignore_eos=body.ignore_eos,
+        grammar_param=body.grammar_param,
     )
     fields = service.log_fields(gen_request, body.prompt)
     request.state.generation = fields

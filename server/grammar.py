@@ -1,0 +1,115 @@
+"""Structured output: JSON Schema and ``json_object`` requests turned into GBNF grammars for llama.cpp.
+
+The conversion is llama-cpp-python's port of llama.cpp's ``json-schema-to-grammar``. It silently ignores the
+keywords it does not implement, which would let output through that does not validate; so every schema is
+walked first and a keyword the grammar cannot enforce is refused, by name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from llama_cpp import llama_grammar
+
+# Keywords the converter enforces.
+ENFORCED = frozenset({
+    "type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems", "maxItems",
+    "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions", "pattern", "format",
+    "minLength", "maxLength",
+})
+# Keywords that only annotate: they constrain nothing, so they are accepted and ignored.
+ANNOTATIONS = frozenset({
+    "title", "description", "default", "examples", "$schema", "$id", "$comment", "readOnly", "writeOnly",
+    "deprecated", "strict", "name",
+})
+TYPES = frozenset({"string", "number", "integer", "boolean", "null", "object", "array"})
+FORMATS = frozenset({"date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4", "uuid5"})
+
+# JSON strings may not hold raw control characters (json.loads and pydantic refuse them); the converter's own
+# ``char`` rule lets them through, so it is replaced with this one.
+CHAR_RULE = r'char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
+
+# Any JSON object (``response_format: {"type": "json_object"}``), whitespace bounded so a small model cannot
+# loop on newlines.
+JSON_OBJECT_GRAMMAR = r"""
+root   ::= object
+value  ::= object | array | string | number | ("true" | "false" | "null") ws
+object ::= "{" ws ( string ":" ws value ("," ws string ":" ws value)* )? "}" ws
+array  ::= "[" ws ( value ("," ws value)* )? "]" ws
+string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4}) )* "\"" ws
+number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]{1,16})? ([eE] [-+]? [0-9]{1,3})? ws
+ws     ::= | " " | "\n" [ \t]{0,20}
+"""
+
+
+class SchemaError(ValueError):
+    """A JSON Schema this server cannot turn into a grammar; ``keyword`` names the reason."""
+
+    def __init__(self, message: str, keyword: str | None = None) -> None:
+        super().__init__(message)
+        self.keyword = keyword
+
+
+def _check(schema: Any, path: str) -> None:
+    if isinstance(schema, bool):
+        if schema:
+            return
+        raise SchemaError(f"the schema at {path} is false: nothing can match it", keyword="false")
+    if not isinstance(schema, dict):
+        raise SchemaError(f"the schema at {path} must be an object, not {type(schema).__name__}")
+    for key, value in schema.items():
+        if key in ANNOTATIONS:
+            continue
+        if key not in ENFORCED:
+            raise SchemaError(
+                f"JSON Schema keyword '{key}' (at {path}) is not supported for structured output: the grammar "
+                f"cannot enforce it", keyword=key)
+        if key in ("properties", "$defs", "definitions"):
+            if not isinstance(value, dict):
+                raise SchemaError(f"'{key}' at {path} must be an object", keyword=key)
+            for name, sub in value.items():
+                _check(sub, f"{path}/{key}/{name}")
+        elif key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+            if not isinstance(value, list) or not value:
+                raise SchemaError(f"'{key}' at {path} must be a non-empty array", keyword=key)
+            for i, sub in enumerate(value):
+                _check(sub, f"{path}/{key}/{i}")
+        elif key == "items":
+            for i, sub in enumerate(value if isinstance(value, list) else [value]):
+                _check(sub, f"{path}/items" + (f"/{i}" if isinstance(value, list) else ""))
+        elif key == "additionalProperties" and not isinstance(value, bool):
+            _check(value, f"{path}/additionalProperties")
+        elif key == "type":
+            types = value if isinstance(value, list) else [value]
+            unknown = [t for t in types if t not in TYPES]
+            if unknown:
+                raise SchemaError(f"unknown type {unknown[0]!r} at {path}", keyword="type")
+        elif key == "format" and value not in FORMATS:
+            raise SchemaError(
+                f"format '{value}' (at {path}) is not supported for structured output; supported: "
+                f"{', '.join(sorted(FORMATS))}", keyword="format")
+        elif key == "$ref" and not (isinstance(value, str) and value.startswith("#/")):
+            raise SchemaError(f"only local references ('#/...') are supported, not {value!r} (at {path})",
+                              keyword="$ref")
+        elif key in ("minItems", "maxItems", "minLength", "maxLength") and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise SchemaError(f"'{key}' at {path} must be a non-negative integer", keyword=key)
+    if "oneOf" in schema and "anyOf" in schema:
+        raise SchemaError(f"'oneOf' and 'anyOf' together (at {path}) are not supported", keyword="oneOf")
+
+
+def schema_to_grammar(schema: Any) -> str:
+    """The GBNF grammar of a JSON Schema; :class:`SchemaError` names what cannot be enforced."""
+    _check(schema, "#")
+    if schema is True or schema == {}:
+        return JSON_VALUE_GRAMMAR
+    try:
+        grammar = llama_grammar.json_schema_to_gbnf(json.dumps(schema))
+    except (AssertionError, KeyError, ValueError, TypeError, RecursionError) as exc:
+        raise SchemaError(f"the schema cannot be turned into a grammar: {exc}") from exc
+    return re.sub(r"(?m)^char ::= .*$", lambda _: CHAR_RULE, grammar)
+
+
+JSON_VALUE_GRAMMAR = JSON_OBJECT_GRAMMAR.replace("root   ::= object", "root   ::= value")

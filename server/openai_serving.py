@@ -1,0 +1,345 @@
+"""Serving the OpenAI routes: requests into engine requests (grammar, tools, logprobs, ``n`` choices), and engine
+events into OpenAI's answers and streams.
+
+``n`` > 1 submits the prompt ``n`` times, one slot each, decoded together in the same batches; each choice
+computes the prompt again (slots share KV cells only with their own earlier requests). With a ``seed``, choice
+``i`` samples with ``seed + i``, so the choices differ and stay repeatable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request, Response
+from sse_starlette import ServerSentEvent
+
+from server.engine.llama import LlamaModel
+from server.engine.sampling import SamplingParams
+from server.engine.types import FinalEvent, FinishReason, RequestHandle, TokenEvent
+from server.errors import ErrorDetail, ErrorResponse, bad_request, unavailable
+from server.grammar import SchemaError
+from server.openai_protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    ChoiceLogprobs,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    FunctionCallDelta,
+    SamplingFields,
+    TokenLogprobInfo,
+    ToolCall,
+    ToolCallDelta,
+    TopLogprob,
+    Usage,
+)
+from server.serving import GenerationService
+from server.sse import TokenEventSourceResponse
+from server.tools import call_grammar, looks_like_call, parse_calls, template_messages, template_tools
+
+CLIENT_CLOSED = 499  # the client went away; only logged
+
+
+def _finish(final: FinalEvent) -> str:
+    return "length" if final.finish_reason is FinishReason.LENGTH else "stop"
+
+
+def _usage(finals: list[FinalEvent]) -> Usage:
+    prompt = finals[0].usage.prompt_tokens
+    completion = sum(f.usage.completion_tokens for f in finals)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _model(service: GenerationService) -> LlamaModel:
+    model = service.engine.model
+    if model is None:
+        raise unavailable(service.engine.not_ready_reason())
+    return model
+
+
+class Logprobs:
+    """Token log-probabilities in OpenAI's two shapes (chat's list of objects, completions' parallel lists)."""
+
+    def __init__(self, model: LlamaModel) -> None:
+        self._model = model
+
+    def _token(self, token: int) -> tuple[str, list[int]]:
+        data = self._model.token_to_piece(token)
+        return data.decode("utf-8", "replace"), list(data)
+
+    def chat(self, events: list[TokenEvent]) -> list[TokenLogprobInfo]:
+        out = []
+        for event in events:
+            if event.logprob is None:
+                continue
+            text, raw = self._token(event.token)
+            top = [TopLogprob(token=t, logprob=lp, bytes=b)
+                   for t, b, lp in ((*self._token(tok), lp) for tok, lp in event.logprob.top)]
+            out.append(TokenLogprobInfo(token=text, logprob=event.logprob.logprob, bytes=raw, top_logprobs=top))
+        return out
+
+    def completion(self, events: list[TokenEvent], offset: int = 0) -> CompletionLogprobs:
+        out = CompletionLogprobs()
+        for event in events:
+            if event.logprob is None:
+                continue
+            text, _ = self._token(event.token)
+            out.tokens.append(text)
+            out.token_logprobs.append(event.logprob.logprob)
+            out.top_logprobs.append({self._token(tok)[0]: lp for tok, lp in event.logprob.top})
+            out.text_offset.append(offset)
+            offset += len(text)
+        return out
+
+
+async def _submit(service: GenerationService, body: SamplingFields, prompt: str | list[int], max_tokens: int | None,
+                  sampling: SamplingParams, prefix: str, http_request: Request, logged_prompt: object,
+                  grammar_param: str, options: dict[str, Any]) -> tuple[list[RequestHandle], dict[str, object]]:
+    request_id = service.new_id(prefix)
+    first = await service.build(prompt, max_tokens=max_tokens, sampling=sampling, stop=body.stop_strings(),
+                                request_id=request_id, max_tokens_param="max_tokens", grammar_param=grammar_param,
+                                **options)
+    requests = [first] + [
+        dataclasses.replace(first, sampling=dataclasses.replace(
+            sampling, seed=None if sampling.seed is None else (sampling.seed + i) % (2**32 - 1)))
+        for i in range(1, body.n)]
+    fields = service.log_fields(first, logged_prompt)
+    if body.n > 1:
+        fields["n"] = body.n
+    http_request.state.generation = fields
+    handles: list[RequestHandle] = []
+    try:
+        for request in requests:
+            handles.append(service.submit(request))
+    except Exception:
+        for handle in handles:
+            handle.cancel()
+        raise
+    return handles, fields
+
+
+async def _collect(service: GenerationService, handles: list[RequestHandle], http_request: Request,
+                   fields: dict[str, object]) -> list[tuple[FinalEvent, list[TokenEvent]]] | None:
+    """Every choice's final event and token events; None if the client went away (all choices cancelled)."""
+    tokens: list[list[TokenEvent]] = [[] for _ in handles]
+    waits = [service.complete(h, http_request.is_disconnected, fields,
+                              on_token=tokens[i].append if h.request.sampling.logprobs is not None else None)
+             for i, h in enumerate(handles)]
+    try:
+        finals = await asyncio.gather(*waits)
+    except BaseException:
+        for handle in handles:
+            handle.cancel()
+        raise
+    if any(f is None for f in finals):
+        for handle in handles:
+            handle.cancel()
+        return None
+    return [(f, t) for f, t in zip(finals, tokens, strict=True) if f is not None]
+
+
+def _error_event(event: Any) -> ServerSentEvent:
+    error = ErrorResponse(error=ErrorDetail(message=event.message, code=event.code, type=event.type))
+    return ServerSentEvent(data=error.model_dump_json())
+
+
+# ---- /v1/completions ----
+
+async def serve_completion(service: GenerationService, body: CompletionRequest, prompt: str | list[int],
+                           http_request: Request, options: dict[str, Any]) -> Completion | Response:
+    """``options``: further arguments of ``service.build`` (the route's cache scope)."""
+    model = _model(service)
+    sampling = body.to_sampling(model.n_vocab, body.grammar())
+    handles, fields = await _submit(service, body, prompt, body.max_tokens, sampling, "cmpl", http_request,
+                                    body.prompt, "response_format", options)
+    created = int(time.time())
+    logprobs = Logprobs(model) if body.logprobs is not None else None
+    request_id = handles[0].request.request_id
+    if body.stream:
+        return TokenEventSourceResponse(
+            _completion_stream(service, handles[0], body, created, fields, service.model_name, logprobs))
+    results = await _collect(service, handles, http_request, fields)
+    if results is None:
+        return Response(status_code=CLIENT_CLOSED)
+    choices = [CompletionChoice(index=i, text=final.text, finish_reason=_finish(final),  # type: ignore[arg-type]
+                                logprobs=logprobs.completion(tokens) if logprobs else None)
+               for i, (final, tokens) in enumerate(results)]
+    return Completion(id=request_id, created=created, model=service.model_name, choices=choices,
+                      usage=_usage([final for final, _ in results]))
+
+
+async def _completion_stream(service: GenerationService, handle: RequestHandle, body: CompletionRequest,
+                             created: int, fields: dict[str, object], model_name: str, logprobs: Logprobs | None
+                             ) -> AsyncIterator[ServerSentEvent]:
+    request_id = handle.request.request_id
+    offset = 0
+    pending: list[TokenEvent] = []
+
+    def chunk(text: str, finish: str | None, usage: Usage | None = None) -> str:
+        nonlocal offset
+        lp = None
+        if logprobs is not None and (text or finish):
+            lp = logprobs.completion(pending, offset)
+            pending.clear()
+            offset += len(text)
+        choices = [] if usage else [CompletionChoice(text=text, finish_reason=finish, logprobs=lp)]  # type: ignore[arg-type]
+        return Completion(id=request_id, created=created, model=model_name, choices=choices,
+                          usage=usage).model_dump_json()
+
+    async for event in service.stream(handle, fields):
+        if isinstance(event, TokenEvent):
+            if event.logprob is not None:
+                pending.append(event)
+            if event.text:
+                yield ServerSentEvent(data=chunk(event.text, None))
+        elif isinstance(event, FinalEvent):
+            yield ServerSentEvent(data=chunk("", _finish(event)))
+            if body.include_usage:
+                yield ServerSentEvent(data=chunk("", None, _usage([event])))
+        else:
+            yield _error_event(event)
+    yield ServerSentEvent(data="[DONE]")
+
+
+# ---- /v1/chat/completions ----
+
+@dataclasses.dataclass
+class _ChatPlan:
+    messages: list[dict[str, Any]]
+    template_tools: list[dict[str, Any]] | None
+    grammar: str | None
+    grammar_param: str
+    parse_tools: bool  # the answer may be a tool call
+    forced: bool  # the answer must be a tool call
+
+
+def _plan(service: GenerationService, body: ChatCompletionRequest) -> _ChatPlan:
+    native = service.chat_formatter().accepts_tools
+    tools = body.active_tools()
+    forced = body.forced_tools()
+    if forced:
+        try:
+            grammar, param = call_grammar(forced), "tools"
+        except SchemaError as exc:
+            raise bad_request(f"function parameters: {exc}", param="tools", code="unsupported_schema") from exc
+    else:
+        grammar, param = body.grammar(), "response_format"
+    return _ChatPlan(
+        messages=template_messages(body.messages, tools, native),
+        template_tools=template_tools(tools) if native and tools else None,
+        grammar=grammar, grammar_param=param, parse_tools=bool(tools), forced=bool(forced))
+
+
+def _tool_answer(plan: _ChatPlan, body: ChatCompletionRequest, final: FinalEvent
+                 ) -> tuple[str | None, list[ToolCall] | None, str]:
+    """(content, tool_calls, finish_reason) of a finished answer."""
+    if plan.parse_tools and final.finish_reason is not FinishReason.LENGTH:
+        calls = parse_calls(final.text, body.active_tools())
+        if calls:
+            return None, calls, "tool_calls"
+    return final.text, None, _finish(final)
+
+
+async def serve_chat(service: GenerationService, body: ChatCompletionRequest, http_request: Request,
+                     options: dict[str, Any]) -> ChatCompletion | Response:
+    model = _model(service)
+    plan = _plan(service, body)
+    tokens = await service.chat_tokens(plan.messages, plan.template_tools)
+    sampling = body.to_sampling(model.n_vocab, plan.grammar)
+    handles, fields = await _submit(service, body, tokens, body.limit(), sampling, "chatcmpl", http_request,
+                                    plan.messages, plan.grammar_param, options)
+    created = int(time.time())
+    logprobs = Logprobs(model) if body.logprobs else None
+    request_id = handles[0].request.request_id
+    if body.stream:
+        return TokenEventSourceResponse(_ChatStream(service, handles[0], body, plan, created, logprobs).events(fields))
+    results = await _collect(service, handles, http_request, fields)
+    if results is None:
+        return Response(status_code=CLIENT_CLOSED)
+    choices = []
+    for i, (final, events) in enumerate(results):
+        content, calls, finish = _tool_answer(plan, body, final)
+        choices.append(ChatChoice(
+            index=i, message=AssistantMessage(content=content, tool_calls=calls), finish_reason=finish,  # type: ignore[arg-type]
+            logprobs=ChoiceLogprobs(content=logprobs.chat(events)) if logprobs else None))
+    return ChatCompletion(id=request_id, created=created, model=service.model_name, choices=choices,
+                          usage=_usage([final for final, _ in results]))
+
+
+class _ChatStream:
+    """OpenAI's chat stream: a role chunk, content chunks (or, for a tool call, the call held back until it is
+    whole and then sent as OpenAI sends one: id and name first, then the arguments), a finish chunk, usage if
+    asked, ``[DONE]``."""
+
+    def __init__(self, service: GenerationService, handle: RequestHandle, body: ChatCompletionRequest,
+                 plan: _ChatPlan, created: int, logprobs: Logprobs | None) -> None:
+        self.service, self.handle, self.body, self.plan = service, handle, body, plan
+        self.created, self.logprobs = created, logprobs
+        self.pending: list[TokenEvent] = []
+
+    def _chunk(self, delta: ChatDelta, finish: str | None = None, usage: Usage | None = None,
+               with_logprobs: bool = True) -> ServerSentEvent:
+        lp = None
+        if self.logprobs is not None and with_logprobs and self.pending:
+            lp = ChoiceLogprobs(content=self.logprobs.chat(self.pending))
+            self.pending = []
+        choices = [] if usage else [ChatChunkChoice(delta=delta, finish_reason=finish, logprobs=lp)]  # type: ignore[arg-type]
+        chunk = ChatCompletionChunk(id=self.handle.request.request_id, created=self.created,
+                                    model=self.service.model_name, choices=choices, usage=usage)
+        if delta.tool_calls:
+            return ServerSentEvent(data=chunk.model_dump_json(exclude_none=True))
+        return ServerSentEvent(data=chunk.model_dump_json())
+
+    def _calls(self, calls: list[ToolCall]) -> list[ServerSentEvent]:
+        out = []
+        for i, call in enumerate(calls):
+            out.append(self._chunk(ChatDelta(tool_calls=[ToolCallDelta(
+                index=i, id=call.id, type="function", function=FunctionCallDelta(name=call.function.name,
+                                                                                 arguments=""))]), with_logprobs=False))
+            out.append(self._chunk(ChatDelta(tool_calls=[ToolCallDelta(
+                index=i, function=FunctionCallDelta(arguments=call.function.arguments))]), with_logprobs=False))
+        return out
+
+    async def events(self, fields: dict[str, object]) -> AsyncIterator[ServerSentEvent]:
+        yield ServerSentEvent(data=self._chunk(ChatDelta(role="assistant", content="")).data)
+        # With tools, an answer that may be a call is held back until it is whole.
+        holding: bool | None = True if self.plan.forced else (None if self.plan.parse_tools else False)
+        held = ""
+        async for event in self.service.stream(self.handle, fields):
+            if isinstance(event, TokenEvent):
+                if event.logprob is not None:
+                    self.pending.append(event)
+                if not event.text:
+                    continue
+                if holding is not False:
+                    held += event.text
+                    if holding is None:
+                        holding = looks_like_call(held)
+                    if holding is not False:
+                        continue
+                    event = TokenEvent(token=event.token, text=held)
+                    held = ""
+                yield self._chunk(ChatDelta(content=event.text))
+            elif isinstance(event, FinalEvent):
+                content, calls, finish = _tool_answer(self.plan, self.body, event)
+                if calls:
+                    for sse in self._calls(calls):
+                        yield sse
+                elif held:
+                    yield self._chunk(ChatDelta(content=held))
+                yield self._chunk(ChatDelta(), finish)
+                if self.body.include_usage:
+                    yield self._chunk(ChatDelta(), usage=_usage([event]))
+            else:
+                yield _error_event(event)
+        yield ServerSentEvent(data="[DONE]")
