@@ -21,7 +21,7 @@ from server.metrics import HttpMetricsMiddleware, Metrics
 from server.model_files import resolve_model_path
 from server.request_log import RequestLogMiddleware
 from server.routes import native, openai, ops, tokenize, ui
-from server.security import KeyChecker
+from server.security import BrowserGuardMiddleware, KeyChecker
 from server.serving import GenerationService
 from server.settings import Settings
 
@@ -62,8 +62,10 @@ def create_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = N
         version=__version__,
         description="CPU inference for LLaMA-family GGUF models on llama.cpp, with continuous batching.",
         lifespan=lifespan,
+        redirect_slashes=False,  # a redirect would be built from the client's Host header
     )
     app.state.key_checker = key_checker
+    app.state.settings = settings
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
@@ -71,6 +73,9 @@ def create_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = N
         )
     app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # Outside CORS and the JSON body rewrite: it sees the Host, Origin and Content-Type the client sent.
+    app.add_middleware(BrowserGuardMiddleware, allowed_hosts=settings.allowed_hosts,
+                       cors_origins=settings.cors_origins)
     app.add_middleware(RequestLogMiddleware)
     app.add_middleware(HttpMetricsMiddleware)
     install_error_handlers(app)

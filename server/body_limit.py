@@ -1,19 +1,19 @@
-"""Request body limit: larger bodies get 413 in the error envelope, before the app reads them."""
+"""Request body limit: larger bodies get 413 in the error envelope and the connection is closed.
+
+A declared ``Content-Length`` over the limit is refused before the app runs. A body without one (chunked) is
+counted as it arrives: once it passes the limit the 413 is sent at once, with ``Connection: close`` so the
+server stops reading the rest, and whatever the app would have answered instead is dropped.
+"""
 
 from __future__ import annotations
 
-import json
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.errors import send_error
 
 
 class BodyTooLarge(Exception):
     pass
-
-
-def _envelope(limit: int) -> bytes:
-    return json.dumps({"error": {"message": f"request body larger than {limit} bytes", "type":
-                                 "invalid_request_error", "param": None, "code": "body_too_large"}}).encode()
 
 
 class BodyLimitMiddleware:
@@ -22,11 +22,8 @@ class BodyLimitMiddleware:
         self.max_bytes = max_bytes
 
     async def _reject(self, send: Send) -> None:
-        body = _envelope(self.max_bytes)
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 413, f"request body larger than {self.max_bytes} bytes", code="body_too_large",
+                         close=True)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -38,18 +35,26 @@ class BodyLimitMiddleware:
             return
         seen = 0
         started = False
+        rejected = False
 
         async def counting_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, started, rejected
+            if rejected:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
+                    if not started:
+                        started = rejected = True
+                        await self._reject(send)
                     raise BodyTooLarge
             return message
 
         async def watching_send(message: Message) -> None:
             nonlocal started
+            if rejected:
+                return  # the 413 went out; the app's own answer to the cut-off body is dropped
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
@@ -57,5 +62,4 @@ class BodyLimitMiddleware:
         try:
             await self.app(scope, counting_receive, watching_send)
         except BodyTooLarge:
-            if not started:
-                await self._reject(send)
+            pass

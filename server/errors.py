@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 
@@ -10,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,16 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+def safe_text(text: str) -> str:
+    """Text that can always be encoded: a lone surrogate (from a client's JSON ``\\ud800``) is written as its
+    escape, so an error message that echoes client input never fails to encode."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+# Statuses a client should retry later, and after how long (seconds) when the error does not say.
+RETRY_AFTER_S = {429: 1, 503: 5}
+
+
 class APIError(Exception):
     """An error the client should see, with its HTTP status."""
 
@@ -38,15 +50,31 @@ class APIError(Exception):
         param: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        message = safe_text(message)
         super().__init__(message)
         self.status_code = status_code
-        self.detail = ErrorDetail(message=message, type=type, param=param, code=code)
+        self.detail = ErrorDetail(message=message, type=type, param=None if param is None else safe_text(param),
+                                  code=code)
+        if status_code in RETRY_AFTER_S and not any(k.lower() == "retry-after" for k in headers or {}):
+            headers = {**(headers or {}), "Retry-After": str(RETRY_AFTER_S[status_code])}
         self.headers = headers
 
     def response(self) -> JSONResponse:
         return JSONResponse(
             ErrorResponse(error=self.detail).model_dump(), status_code=self.status_code, headers=self.headers
         )
+
+
+async def send_error(send: Send, status: int, message: str, *, type: str = "invalid_request_error",
+                     code: str | None = None, close: bool = False) -> None:
+    """The error envelope sent straight through ASGI, for middleware that answers before any route."""
+    body = json.dumps(ErrorResponse(error=ErrorDetail(message=safe_text(message), type=type, code=code))
+                      .model_dump()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> APIError:

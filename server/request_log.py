@@ -5,6 +5,7 @@ Prompts are logged only when LOG_PROMPTS is on; API keys never (the line has no 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any
 
@@ -12,6 +13,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("llama_inference.requests")
 QUIET_PATHS = {"/health", "/ready", "/metrics"}
+
+# Control characters (a percent-decoded %0a in a path would otherwise start a forged log line), line and
+# paragraph separators, and lone surrogates.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff\\\\]")
+
+
+def escape(value: object) -> str:
+    """A log field's text with control characters, separators, surrogates and backslashes escaped."""
+    return _UNSAFE.sub(lambda m: "\\\\" if m[0] == "\\" else f"\\u{ord(m[0]):04x}", str(value))
 
 
 class RequestLogMiddleware:
@@ -42,5 +52,5 @@ class RequestLogMiddleware:
             }
             level = logging.DEBUG if scope["path"] in QUIET_PATHS else logging.INFO
             if log.isEnabledFor(level):
-                summary = " ".join(f"{k}={v}" for k, v in fields.items() if k != "prompt")
+                summary = " ".join(f"{k}={escape(v)}" for k, v in fields.items() if k != "prompt")
                 log.log(level, "%s", summary, extra={"fields": fields})

@@ -16,6 +16,7 @@ from server.engine.core import Engine, EngineNotReady, EngineOverloaded, EngineS
 from server.engine.sampling import SamplingParams, grammar_parses
 from server.engine.types import ErrorEvent, Event, FinalEvent, GenerationRequest, RequestHandle, TokenEvent
 from server.errors import APIError, bad_request, overloaded, unavailable
+from server.prompt_limits import VocabFacts, measure_vocab, refuse_oversized
 from server.settings import Settings
 
 DISCONNECT_POLL_S = 0.1
@@ -27,20 +28,32 @@ class GenerationService:
         self.settings = settings
         self.model_name = model_name
         self._chat: ChatFormatter | None = None
+        self._vocab: VocabFacts | None = None
         self.created = int(time.time())  # the model's "created" in the OpenAI API: when this server started
 
     @staticmethod
     def new_id(prefix: str) -> str:
         return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
+    async def vocab_facts(self) -> VocabFacts:
+        """The vocabulary's longest token and control tokens, read once (off the event loop)."""
+        if self._vocab is None:
+            model = self.engine.model
+            if model is None or self.engine.state is not EngineState.READY:
+                raise unavailable(self.engine.not_ready_reason())
+            self._vocab = await asyncio.to_thread(measure_vocab, model)
+        return self._vocab
+
     async def tokenize(self, text: str) -> list[int]:
         """Tokenize off the event loop (a long prompt takes a while). Control-token text stays plain text
-        unless the server allows special tokens."""
+        unless the server allows special tokens. A text too long for the context whatever its tokens is
+        refused first, without tokenizing it."""
         try:
-            text.encode("utf-8")
+            n_bytes = len(text.encode("utf-8"))
         except UnicodeEncodeError as exc:
             raise bad_request("the prompt is not valid Unicode (it holds a lone surrogate)", param="prompt",
                               code="invalid_value") from exc
+        refuse_oversized(n_bytes, await self.vocab_facts(), self.engine.slot_ctx)
         try:
             return await asyncio.to_thread(self.engine.tokenize, text,
                                            parse_special=self.settings.allow_special_tokens)
@@ -56,6 +69,9 @@ class GenerationService:
             except UnicodeEncodeError as exc:
                 raise bad_request("message content is not valid Unicode (it holds a lone surrogate)",
                                   param=f"messages.{i}.content", code="invalid_value") from exc
+        contents = (message.get("content") for message in messages)
+        refuse_oversized(sum(len(c.encode("utf-8")) for c in contents if isinstance(c, str)),
+                         await self.vocab_facts(), self.engine.slot_ctx, param="messages")
         formatter = self.chat_formatter()
         try:
             return await asyncio.to_thread(formatter.tokenize, messages, tools)
@@ -101,6 +117,7 @@ class GenerationService:
         request_id: str = "",
         max_tokens_param: str = "max_length",
         cache_prompt: bool = True,
+        cache_scope: str = "",
         ignore_eos: bool = False,
         grammar_param: str = "grammar",
     ) -> GenerationRequest:
@@ -133,7 +150,7 @@ class GenerationService:
             )
         return GenerationRequest(
             prompt_tokens=tokens, max_tokens=max_tokens, sampling=sampling, stop=stop, request_id=request_id,
-            cache_prompt=cache_prompt, ignore_eos=ignore_eos,
+            cache_prompt=cache_prompt, cache_scope=cache_scope, ignore_eos=ignore_eos,
         )
 
     def submit(self, request: GenerationRequest) -> RequestHandle:

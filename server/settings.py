@@ -121,6 +121,38 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=4 * 2**20, ge=1024, le=2**30, description="Largest request body accepted; larger ones get 413."
     )
+    allowed_hosts: list[str] = Field(
+        default_factory=lambda: ["localhost", "127.0.0.1", "[::1]"],
+        description="Host header values accepted (a JSON list; '*' any, '*.example.com' subdomains); others get "
+        "400, which stops DNS rebinding. In a pod: the Service's names. /health and /ready accept any host.",
+    )
+    prompt_cache_scope: Literal["key", "off"] = Field(
+        default="key",
+        description="Prompt-prefix reuse between requests: 'key' only between requests with the same API key "
+        "(with no keys configured, between all requests), 'off' never (no timing or cached_tokens signal at all).",
+    )
+    tenant_header: str | None = Field(
+        default=None,
+        description="A header set by a trusted gateway (e.g. X-Tenant-Id) whose value also separates prompt "
+        "caches, for deployments where one API key serves several tenants.",
+    )
+    max_header_bytes: int = Field(
+        default=64 * 2**10, ge=1024, le=16 * 2**20,
+        description="Largest request line plus headers; larger ones get 431 before they are parsed.",
+    )
+    header_timeout_s: float = Field(
+        default=10.0, gt=0.0, le=3600.0,
+        description="A connection whose request headers have not all arrived this long after it opened (or "
+        "after its previous answer) gets 408 and is closed.",
+    )
+    body_timeout_s: float = Field(
+        default=60.0, gt=0.0, le=3600.0,
+        description="A request body not fully received this long after its headers is cut off.",
+    )
+    limit_concurrency: int = Field(
+        default=512, ge=1, le=1_000_000,
+        description="Most open connections (and requests in progress); beyond it new requests get 503.",
+    )
     ui: bool = Field(default=True, description="Serve the web playground at /.")
 
     # Logging
@@ -136,6 +168,30 @@ class Settings(BaseSettings):
             text = value.strip()
             return json.loads(text) if text.startswith("[") else [n.strip() for n in text.split(",") if n.strip()]
         return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_blank(cls, key: SecretStr | None) -> SecretStr | None:
+        """Authentication fails closed: a key that is set but blank refuses start-up instead of turning auth off."""
+        if key is not None and not key.get_secret_value().strip():
+            raise ValueError("API_KEY is set but empty; refusing to start without authentication")
+        return key
+
+    @field_validator("api_key_file")
+    @classmethod
+    def _key_file_holds_a_key(cls, path: Path | None) -> Path | None:
+        """Authentication fails closed: a key file that is missing, unreadable or empty refuses start-up."""
+        if path is None:
+            return None
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ValueError(f"cannot read API key file {path}: {reason}") from exc
+        if not any(line.strip() for line in text.splitlines()):
+            raise ValueError(f"API key file {path} holds no key (one per line); refusing to start without "
+                             "authentication")
+        return path
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

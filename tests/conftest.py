@@ -107,7 +107,8 @@ def make_client() -> Iterator[Callable[..., TestClient]]:
     clients: list[TestClient] = []
 
     def make(wait_ready: bool = True, **settings: object) -> TestClient:
-        client = TestClient(create_app(Settings(**settings)))  # type: ignore[arg-type]
+        # localhost: the app serves loopback Host names only (ALLOWED_HOSTS), not TestClient's "testserver".
+        client = TestClient(create_app(Settings(**settings)), base_url="http://localhost")  # type: ignore[arg-type]
         client.__enter__()
         clients.append(client)
         if wait_ready:

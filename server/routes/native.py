@@ -21,6 +21,7 @@ from server.protocol import (
     TokenChunk,
     UsageInfo,
 )
+from server.security import cache_scope
 from server.serving import GenerationService
 from server.sse import TokenEventSourceResponse
 
@@ -48,13 +49,15 @@ def _finish_reason(final: FinalEvent) -> str:
 )
 async def generate(body: GenerateRequest, request: Request, service: ServiceDep) -> GenerateResponse | Response:
     request_id = service.new_id("gen")
+    scope = cache_scope(request, service.settings)
     gen_request = await service.build(
         body.prompt,
         max_tokens=body.max_length,
         sampling=body.to_sampling(),
         stop=body.stop_strings(),
         request_id=request_id,
-        cache_prompt=body.cache_prompt,
+        cache_prompt=body.cache_prompt and scope is not None,
+        cache_scope=scope or "",
         ignore_eos=body.ignore_eos,
         grammar_param=body.grammar_param,
     )

@@ -17,6 +17,8 @@ from server.openai_protocol import (
 )
 from server.openai_serving import serve_chat, serve_completion
 from server.openapi_sse import event_stream
+from server.prompt_limits import refuse_control_tokens
+from server.security import cache_scope
 from server.serving import GenerationService
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
@@ -45,8 +47,9 @@ def _check(body: SamplingFields, service: GenerationService) -> None:
 
 
 def _build_options(http_request: Request, service: GenerationService) -> dict[str, object]:
-    """Options of ``service.build`` that depend on who asks."""
-    return {}
+    """Options of ``service.build`` that depend on who asks: whose cached prompt prefixes a request may reuse."""
+    scope = cache_scope(http_request, service.settings)
+    return {"cache_prompt": scope is not None, "cache_scope": scope or ""}
 
 
 @router.get("/models", response_model=ModelList)
@@ -64,7 +67,12 @@ async def get_model(model_id: str, service: ServiceDep) -> ModelCard:
 @router.post("/completions", response_model=Completion, responses=RESPONSES)
 async def completions(body: CompletionRequest, request: Request, service: ServiceDep) -> Completion | Response:
     _check(body, service)
-    return await serve_completion(service, body, body.prompt_value(), request, _build_options(request, service))
+    prompt = body.prompt_value()
+    if isinstance(prompt, list) and not service.settings.allow_special_tokens:
+        forged = refuse_control_tokens(prompt, await service.vocab_facts())
+        if forged is not None:
+            raise forged
+    return await serve_completion(service, body, prompt, request, _build_options(request, service))
 
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses=RESPONSES)
