@@ -5,6 +5,7 @@
 #     depends only on the repository's files at `revision`, never on the converter's version.
 #   stage 2 (the package): an ordinary derivation, without network, that runs `llama-inference convert` and
 #     `quantize` on stage 1's output and installs share/models/<name>.<QUANT>.gguf and a JSON of its metadata.
+#     The output refers to no other store path (the weights are named by their hash, not their path).
 #
 # First build of a new revision: leave `outputHash = lib.fakeHash`; the build fails with
 # "hash mismatch ... got: sha256-..."; put that value here (or pass it as an argument) and build again.
@@ -69,7 +70,10 @@ stdenvNoCC.mkDerivation {
   buildPhase = ''
     runHook preBuild
     export HOME="$TMPDIR"
-    llama-inference convert ${weights} --outtype ${outtype} --out "$TMPDIR/model.${outtype}.gguf" --quiet
+    # The converter names the model (general.name) after its input folder: through a link named ${name}, the
+    # GGUF says "${name}" instead of carrying the weights' store path, which would make them a runtime dependency.
+    ln -s ${weights} "$TMPDIR/${name}"
+    llama-inference convert "$TMPDIR/${name}" --outtype ${outtype} --out "$TMPDIR/model.${outtype}.gguf" --quiet
     mkdir -p "$out/share/models"
     llama-inference quantize "$TMPDIR/model.${outtype}.gguf" "$out/share/models/${file}" \
       --type ${quant} --threads "''${NIX_BUILD_CORES:-1}"
@@ -78,11 +82,15 @@ stdenvNoCC.mkDerivation {
     size=$(stat -c %s "$out/share/models/${file}")
     cat > "$out/share/models/${name}.${quant}.json" <<JSON
     {"name": "${name}", "repo_id": "${repoId}", "revision": "${revision}", "quantization": "${quant}",
-     "file": "${file}", "size_bytes": $size, "sha256": "$sha", "weights": "${weights}"}
+     "file": "${file}", "size_bytes": $size, "sha256": "$sha", "weights_nar_hash": "${outputHash}"}
     JSON
     runHook postBuild
   '';
   installPhase = "true";
+  # The package holds the GGUF and its metadata, nothing else: a store path of the raw weights (13.5 GB for
+  # LLaMA 2 7B, gated) or of the converter in the output would make them runtime dependencies that every node
+  # pulls and that `flox publish` uploads. Nix refuses to finish a build whose output refers to them.
+  disallowedReferences = [ weights llama-inference ];
 
   passthru = {
     inherit weights;

@@ -1,0 +1,20 @@
+# Plain values read from nix/default.nix and the server package, for `nix-instantiate --eval --strict`.
+{ venv }:
+let
+  top = import ../../nix/default.nix { pkgs = import ./stand-in.nix { inherit venv; }; };
+  app = top.llama-server.args;
+  llama = top.llama-server.llama-cpp-python;
+in
+{
+  attributes = builtins.attrNames top;
+  mainProgram = app.meta.mainProgram;
+  relaxed = app.pythonRelaxDeps;
+  doCheck = app.doCheck;
+  sourceFiles = app.src.files;
+  dependsOnOurLlama = builtins.any (d: d == llama) app.dependencies;
+  llama = {
+    inherit (llama) version pname;
+    cmakeArgs = llama.env.CMAKE_ARGS;
+    src = { inherit (llama.src) pname version hash; };
+  };
+}
