@@ -81,6 +81,12 @@ def check_runtime_class(cluster: Docs, overlay: Docs, readme: str) -> None:
     assert rc["handler"] == "flox" and rc["handler"] in runtimes, (rc["handler"], runtimes)
     assert rc.get("scheduling", {}).get("nodeSelector") == {"flox.dev/enabled": "true"}
     assert 'kubectl label node <node> flox.dev/enabled=true' in readme
+    # The shim reads the pod's flox.dev/* annotations only if containerd passes them on; runc's cgroups must match
+    # the kubelet's (systemd), as in Flox's node set-up.
+    for line in ('pod_annotations = [ "flox.dev/*" ]', 'container_annotations = [ "flox.dev/*" ]',
+                 f'[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{rc["handler"]}.options]',
+                 "SystemdCgroup = true"):
+        assert line in readme, f"the README's containerd configuration lacks {line}"
 
 
 def check_flox_annotation(overlay: Docs, pinned: bool, env_dir: Path = RUNTIME_ENV) -> None:
@@ -244,6 +250,10 @@ MUTATIONS: dict[str, tuple[str, str, str, Callable[[Path], None]]] = {
                                       (r / "k8s/README.md").read_text())),
     "RuntimeClass without nodeSelector": (
         "k8s/cluster/runtimeclass.yaml", 'flox.dev/enabled: "true"', 'kubernetes.io/os: "linux"',
+        lambda r: check_runtime_class(render(r / "k8s/cluster"), render(r / "k8s/overlays/staging"),
+                                      (r / "k8s/README.md").read_text())),
+    "containerd snippet without the annotation pass-through": (
+        "k8s/README.md", '  pod_annotations = [ "flox.dev/*" ]\n', "",
         lambda r: check_runtime_class(render(r / "k8s/cluster"), render(r / "k8s/overlays/staging"),
                                       (r / "k8s/README.md").read_text())),
     "wrong flox.dev/environment": (
