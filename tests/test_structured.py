@@ -124,6 +124,14 @@ def test_generate_takes_a_grammar_and_a_json_schema(http: httpx.Client) -> None:
     jsonschema.validate(json.loads(out["text"]), schema)
 
 
+def test_a_grammar_that_allows_only_unlikely_tokens_still_holds(http: httpx.Client) -> None:
+    # None of the likeliest tokens is allowed here, so the grammar masks the whole vocabulary.
+    for temperature in (0.0, 1.0):
+        out = http.post("/generate", json={"prompt": "Once upon a time", "max_length": 20, "temperature": temperature,
+                                           "grammar": 'root ::= "zqxj" [0-9]'}).json()
+        assert out["text"][:4] == "zqxj" and out["text"][4:].isdigit() and out["finish_reason"] == "stop"
+
+
 def test_generate_refuses_a_bad_grammar(http: httpx.Client) -> None:
     bad = http.post("/generate", json={"prompt": "x", "grammar": "root ::= undefined-rule"})
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_grammar"

@@ -9,6 +9,7 @@ import llama_cpp
 import numpy as np
 
 RANDOM_SEED = llama_cpp.LLAMA_DEFAULT_SEED  # llama.cpp draws a random seed for this value
+GRAMMAR_SHORTLIST = 256  # tokens a grammar checks first when the sampled token is refused
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,8 @@ class Sampler:
             self._cur = np.zeros(n_vocab, dtype=[("id", np.int32), ("logit", np.float32), ("p", np.float32)])
             self._ids = np.arange(n_vocab, dtype=np.int32)
             self._one = llama_cpp.llama_token_data(0, 1.0, 0.0)
+            self._bias_ids = np.array([t for t, _ in params.logit_bias], dtype=np.int32)
+            self._stateless = not params.has_penalties
         self._ptr = llama_cpp.llama_sampler_chain_init(chain_params)
         if params.logit_bias:
             biases = (llama_cpp.llama_logit_bias * len(params.logit_bias))(*params.logit_bias)
@@ -138,22 +141,51 @@ class Sampler:
             data=cur.ctypes.data_as(llama_cpp.llama_token_data_p), size=self._n_vocab, selected=-1, sorted=False)
 
     def _sample_with_grammar(self, ctx: llama_cpp.llama_context_p, batch_index: int) -> int:
-        logits = self._logits(ctx, batch_index)
-        array = self._candidates(logits)
-        llama_cpp.llama_sampler_apply(self._ptr, ctypes.byref(array))
-        token = int(array.data[array.selected].id)
+        logits = None
+        if self._stateless:
+            # No penalties: accepting a token changes nothing in the chain, so llama.cpp samples in C.
+            token = int(llama_cpp.llama_sampler_sample(self._ptr, ctx, batch_index))
+        else:
+            logits = self._logits(ctx, batch_index)
+            array = self._candidates(logits)
+            llama_cpp.llama_sampler_apply(self._ptr, ctypes.byref(array))
+            token = int(array.data[array.selected].id)
         one = self._one
         one.id, one.logit, one.p = token, 1.0, 0.0
         single = llama_cpp.llama_token_data_array(data=ctypes.pointer(one), size=1, selected=-1, sorted=False)
         llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(single))
-        if one.logit == float("-inf"):  # refused: mask the vocabulary with the grammar, then sample again
+        if one.logit == float("-inf"):
+            token = self._resample(self._logits(ctx, batch_index) if logits is None else logits)
+        llama_cpp.llama_sampler_accept(self._grammar, token)
+        if not self._stateless:
+            llama_cpp.llama_sampler_accept(self._ptr, token)
+        return token
+
+    def _resample(self, logits: np.ndarray) -> int:
+        """The sampled token was refused: sample again among the likeliest tokens the grammar allows.
+
+        The grammar checks the ``GRAMMAR_SHORTLIST`` likeliest tokens (and any with a logit bias) first, not the
+        whole vocabulary (about a hundred times cheaper); only when it allows none of them is the whole
+        vocabulary masked. Greedy decoding picks the same token either way; sampling leaves out allowed tokens
+        below the shortlist, whose probability is negligible.
+        """
+        k = min(GRAMMAR_SHORTLIST, self._n_vocab)
+        short = np.argpartition(logits, self._n_vocab - k)[self._n_vocab - k:]
+        if self._bias_ids.size:
+            short = np.union1d(short, self._bias_ids)
+        n = len(short)
+        cur = self._cur
+        cur["id"][:n] = short
+        cur["logit"][:n] = logits[short]
+        cur["p"][:n] = 0.0
+        array = llama_cpp.llama_token_data_array(
+            data=cur.ctypes.data_as(llama_cpp.llama_token_data_p), size=n, selected=-1, sorted=False)
+        llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(array))
+        if not np.isfinite(cur["logit"][:n]).any():
             array = self._candidates(logits)
             llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(array))
-            llama_cpp.llama_sampler_apply(self._ptr, ctypes.byref(array))
-            token = int(array.data[array.selected].id)
-        llama_cpp.llama_sampler_accept(self._grammar, token)
-        llama_cpp.llama_sampler_accept(self._ptr, token)
-        return token
+        llama_cpp.llama_sampler_apply(self._ptr, ctypes.byref(array))
+        return int(array.data[array.selected].id)
 
     def _logprob(self, ctx: llama_cpp.llama_context_p, batch_index: int, token: int) -> TokenLogprob:
         logits = self._logits(ctx, batch_index).astype(np.float64)
