@@ -342,11 +342,11 @@ def test_a_second_key_learns_nothing_from_the_first_keys_prompt(keyed: LiveServe
     victim = SECRET_PREFIX + "4821. Answer politely."
     assert _cached(keyed, KEY_A, victim) == 0
     assert _cached(keyed, KEY_A, victim) > 20  # the owner reuses its own prefix
-    # The attacker guesses the next digit: with a shared cache, cached_tokens would grow on the right guess.
-    for guess in ("1", "4", "48"):
-        assert _cached(keyed, KEY_B, SECRET_PREFIX + guess) == 0
-    # and its own requests evicted nothing it could later measure: the victim's key starts over.
-    assert _cached(keyed, KEY_A, victim) == 0
+    # Each time the victim's prompt is in the cache, the attacker guesses the next digit. With a shared cache the
+    # right guess ("4") would reuse one token more than a wrong one; here every guess reuses nothing.
+    for guess in ("1", "4", "48", "7"):
+        _cached(keyed, KEY_A, victim)
+        assert _cached(keyed, KEY_B, SECRET_PREFIX + guess) == 0, guess
 
 
 # ---- 6. drain deadline and a second SIGTERM ----
