@@ -7,6 +7,7 @@ text of a control token, the prompt is tokenized piece by piece, with the messag
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -77,6 +78,13 @@ class ChatFormatter:
     def tokenize(self, messages: Sequence[Mapping[str, Any]], tools: list[dict[str, Any]] | None = None
                  ) -> list[int]:
         """Tokens of the rendered prompt, with the template's markers as control tokens."""
+        # Tool definitions and calls are rendered by the template itself, so they cannot be kept plain text
+        # piece by piece like contents: control-token text in them is refused instead.
+        others = json.dumps([[{k: v for k, v in m.items() if k != "content"} for m in messages], tools or []],
+                            ensure_ascii=False)
+        forged = next((text for text in self._control_texts if text in others), None)
+        if forged is not None:
+            raise ChatTemplateError(f"a tool definition or call holds the text of the control token {forged!r}")
         contents = [m.get("content") or "" for m in messages]
         if not any(text in content for content in contents for text in self._control_texts):
             return self._drop_double_bos(self._model.tokenize(self.render(messages, tools=tools),
