@@ -9,6 +9,7 @@ import gguf
 import numpy as np
 
 from convert.errors import PipelineError
+from convert.rope import read_rope
 
 _REGISTRY: dict[str, type[ModelHooks]] = {}
 
@@ -53,6 +54,10 @@ class ModelHooks:
     def gguf_name(self, hf_name: str) -> str | None:
         raise NotImplementedError
 
+    def extra_tensors(self) -> dict[str, np.ndarray]:
+        """Tensors llama.cpp needs that the checkpoint does not hold (computed from the config), by GGUF name."""
+        return {}
+
     def transform(self, gguf_name: str, data: np.ndarray) -> np.ndarray:
         """Rewrite a block of rows (a whole number of :meth:`row_multiple`) into llama.cpp's layout."""
         return data
@@ -82,11 +87,7 @@ class LlamaHooks(ModelHooks):
         self.n_vocab = int(_require(config, "vocab_size"))
         self.head_dim = int(config.get("head_dim") or self.n_embd // self.n_head)
         self.tied = bool(config.get("tie_word_embeddings", False))
-        scaling = config.get("rope_scaling") or {}
-        kind = scaling.get("rope_type", scaling.get("type"))
-        if kind not in (None, "linear", "default"):
-            raise PipelineError(f"rope_scaling type {kind!r} is not supported (linear only)")
-        self.rope_scaling = scaling if kind == "linear" else None
+        self.rope = read_rope(config)
         self._names = gguf.get_tensor_name_map(self.arch, self.n_layer)
 
     def add_hparams(self, writer: gguf.GGUFWriter) -> None:
@@ -98,15 +99,18 @@ class LlamaHooks(ModelHooks):
         writer.add_head_count(self.n_head)
         writer.add_head_count_kv(self.n_head_kv)
         writer.add_rope_dimension_count(self.head_dim)
-        writer.add_rope_freq_base(float(c.get("rope_theta", 10000.0)))
+        self.rope.add_to_gguf(writer)
         writer.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", 1e-5)))
         writer.add_vocab_size(self.n_vocab)
         if self.head_dim != self.n_embd // self.n_head:
             writer.add_key_length(self.head_dim)
             writer.add_value_length(self.head_dim)
-        if self.rope_scaling:
-            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(float(self.rope_scaling["factor"]))
+
+    def extra_tensors(self) -> dict[str, np.ndarray]:
+        factors = self.rope.freq_factors(self.head_dim)
+        if factors is None:
+            return {}
+        return {gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight": factors}
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         e, f, v, d = self.n_embd, self.n_ff, self.n_vocab, self.head_dim

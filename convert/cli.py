@@ -20,9 +20,10 @@ def _fetch(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     from convert.converter import convert
+    from convert.progress import Progress
 
     out = convert(Path(args.hf_dir), Path(args.out), outtype=args.outtype, vocab_pre=args.vocab_pre,
-                  progress=not args.quiet)
+                  verify=not args.no_verify, progress=Progress(mode="off" if args.quiet else args.progress))
     print(out)
     return 0
 
@@ -54,8 +55,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("hf_dir")
     p.add_argument("--outtype", default="f16", choices=["f16", "bf16", "f32"])
     p.add_argument("--out", required=True, help="the .gguf file to write")
-    p.add_argument("--vocab-pre", default=None, help="llama.cpp BPE pre-tokenizer name, if not detected")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--vocab-pre", default=None, metavar="NAME",
+                   help="llama.cpp's name for the BPE pre-tokenizer (default: the one that tokenizes a probe text "
+                        "as the checkpoint's tokenizer does)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="keep the GGUF even if llama.cpp tokenizes the probe text unlike the checkpoint")
+    p.add_argument("--progress", default="auto", choices=["auto", "bar", "lines", "off"],
+                   help="auto: a live bar on a terminal, a line per quarter otherwise (log files, CI)")
+    p.add_argument("--quiet", action="store_true", help="no progress output (same as --progress off)")
     p.set_defaults(handler=_convert)
 
     p = sub.add_parser("quantize", help="Quantize a GGUF file with llama.cpp's quantizer.")

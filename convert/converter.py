@@ -8,19 +8,21 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
 from gguf.gguf_writer import WriterState
-from tqdm import tqdm
 
 from convert.architectures import ModelHooks, hooks_for
 from convert.errors import PipelineError
+from convert.pretok import choose_pre
+from convert.progress import Progress
 from convert.safetensors_io import Checkpoint, TensorRef
-from convert.vocab import add_vocab, load_vocab
+from convert.tokcheck import Reference, first_difference, load_reference
+from convert.vocab import VocabData, add_vocab, load_vocab
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,27 @@ OUTTYPES = {
 
 
 @dataclass(frozen=True)
+class ArrayRef:
+    """A tensor computed from the config (LLaMA 3's rope_freqs), read like a checkpoint's :class:`TensorRef`."""
+
+    name: str
+    data: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    def chunks(self, rows: int, keep_f16: bool = False) -> Iterator[np.ndarray]:
+        yield self.data
+
+
+@dataclass(frozen=True)
 class PlannedTensor:
-    ref: TensorRef
+    ref: TensorRef | ArrayRef
     name: str  # GGUF name
     qtype: gguf.GGMLQuantizationType
 
@@ -74,7 +95,9 @@ def plan(hooks: ModelHooks, checkpoint: Checkpoint, outtype: str) -> list[Planne
     missing = [n for n in wanted if n not in planned]
     if missing:
         raise PipelineError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
-    return [planned[n] for n in wanted]  # GGUF order: embeddings, then layer by layer
+    extra = [PlannedTensor(ArrayRef(name, data), name, gguf.GGMLQuantizationType.F32)
+             for name, data in hooks.extra_tensors().items()]
+    return extra + [planned[n] for n in wanted]  # GGUF order: embeddings, then layer by layer
 
 
 CHUNK_BYTES = 32 * 2**20  # float32 working memory per block of rows
@@ -119,10 +142,40 @@ def _nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
     return int(np.prod(shape)) * item
 
 
+def _add_metadata(writer: gguf.GGUFWriter, hooks: ModelHooks, hf_dir: Path, vocab: VocabData, outtype: str) -> None:
+    writer.add_name(hooks.config.get("_name_or_path") or hf_dir.name)
+    writer.add_file_type(OUTTYPES[outtype][1])
+    hooks.add_hparams(writer)
+    add_vocab(writer, hf_dir, vocab, hooks.config["vocab_size"])
+
+
+def _vocab_mismatch(
+    hooks: ModelHooks, hf_dir: Path, vocab: VocabData, reference: Reference, workdir: Path
+) -> str | None:
+    """Where llama.cpp, given a GGUF with ``vocab`` and no weights, first tokenizes unlike ``reference``."""
+    fd, name = tempfile.mkstemp(prefix=".vocab.", suffix=".gguf.part", dir=workdir)
+    os.close(fd)
+    path = Path(name)
+    try:
+        writer = gguf.GGUFWriter(path, hooks.arch_name)
+        _add_metadata(writer, hooks, hf_dir, vocab, "f32")
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
+        return first_difference(path, reference, markers_in_text=vocab.model == "gpt2")
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def convert(
-    hf_dir: Path, out: Path, *, outtype: str = "f16", vocab_pre: str | None = None, progress: bool = True,
+    hf_dir: Path, out: Path, *, outtype: str = "f16", vocab_pre: str | None = None, verify: bool = True,
+    progress: Progress | None = None,
 ) -> Path:
-    """Convert ``hf_dir`` to the GGUF file ``out``. On any failure nothing is left at ``out``."""
+    """Convert ``hf_dir`` to the GGUF file ``out``. On any failure nothing is left at ``out``.
+
+    With ``verify``, llama.cpp loads the written file's vocabulary and must tokenize a probe text exactly as the
+    checkpoint's tokenizer does; otherwise the file is removed and the first difference reported."""
     if outtype not in OUTTYPES:
         raise PipelineError(f"unknown outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
     out = out.expanduser()
@@ -133,16 +186,20 @@ def convert(
     checkpoint = Checkpoint(hf_dir)
     tensors = plan(hooks, checkpoint, outtype)
     vocab = load_vocab(hf_dir, vocab_pre)
+    reference = load_reference(hf_dir)
+    vocab.adds = reference.adds()
+    if vocab.pre is None:
+        vocab.pre = choose_pre(vocab.pre_guess, lambda name: _vocab_mismatch(
+            hooks, hf_dir, replace(vocab, pre=name), reference, out.parent))
+    elif verify:  # fail before the long part, not after it
+        _refuse_mismatch(_vocab_mismatch(hooks, hf_dir, vocab, reference, out.parent), vocab)
 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         writer = gguf.GGUFWriter(tmp, hooks.arch_name)
-        writer.add_name(config.get("_name_or_path") or hf_dir.name)
-        writer.add_file_type(OUTTYPES[outtype][1])
-        hooks.add_hparams(writer)
-        add_vocab(writer, hf_dir, vocab, hooks.config["vocab_size"])
+        _add_metadata(writer, hooks, hf_dir, vocab, outtype)
         for t in tensors:
             if t.qtype == gguf.GGMLQuantizationType.BF16:
                 byte_shape = (*t.ref.shape[:-1], t.ref.shape[-1] * 2)
@@ -154,16 +211,25 @@ def convert(
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        total = sum(t.ref.nbytes for t in tensors)
-        with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
+        bar = progress or Progress.silent()
+        with bar.task("convert", sum(t.ref.nbytes for t in tensors)) as advance:
             for t in tensors:
-                bar.set_postfix_str(t.name)
                 _write_streamed(writer, _blocks(t, hooks))
-                bar.update(t.ref.nbytes)
+                advance(t.ref.nbytes, t.name)
         writer.close()
+        if verify:
+            _refuse_mismatch(first_difference(tmp, reference, markers_in_text=vocab.model == "gpt2"), vocab)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    log.info("wrote %s (%d tensors, %s)", out, len(tensors), outtype)
+    log.info("wrote %s (%d tensors, %s, pre-tokenizer %s)", out, len(tensors), outtype, vocab.pre)
     return out
+
+
+def _refuse_mismatch(difference: str | None, vocab: VocabData) -> None:
+    if difference is None:
+        return
+    pre = f" (pre-tokenizer {vocab.pre})" if vocab.model == "gpt2" else ""
+    raise PipelineError(f"verify: llama.cpp would tokenize unlike the checkpoint{pre}: {difference}; "
+                        "no file written (--no-verify writes it anyway)")
