@@ -81,6 +81,11 @@ class Metrics:
             "429; queue_timeout: 503)", ["reason"], registry=r,
         )
         self.requests = _OutcomeCounter(self.finished, self.refused)
+        # Known label values start at 0, so rates and dashboards see the series before the first event.
+        for reason in ("stop", "length", "cancelled", "error"):
+            self.finished.labels(finish_reason=reason)
+        for reason in sorted(REFUSALS):
+            self.refused.labels(reason=reason)
         self.prompt_tokens = Counter("llama_prompt_tokens", "Prompt tokens received", registry=r)
         self.cached_prompt_tokens = Counter(
             "llama_prompt_tokens_cached", "Prompt tokens served from a slot's KV cache", registry=r
@@ -98,6 +103,10 @@ class Metrics:
             "llama_request_duration_seconds", "Arrival to last token", buckets=_LATENCY_BUCKETS, registry=r
         )
         self.decode_steps = Counter("llama_decode_steps", "llama_decode calls made by the engine", registry=r)
+        self.draft_tokens = Counter(
+            "llama_draft_tokens", "Speculative decoding: tokens drafted for verification", registry=r)
+        self.draft_accepted = Counter(
+            "llama_draft_accepted_tokens", "Speculative decoding: drafted tokens the model accepted", registry=r)
         self.queue_depth = Gauge("llama_queue_depth", "Requests waiting for a slot", registry=r)
         self.slots_busy = Gauge("llama_slots_busy", "Slots serving a request", registry=r)
         self.slots_total = Gauge("llama_slots_total", "Parallel slots", registry=r)

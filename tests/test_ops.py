@@ -89,6 +89,25 @@ def test_metrics_count_statuses_and_finish_reasons_apart(http: httpx.Client) -> 
     assert "llama_requests_total" not in after
 
 
+def test_grafana_dashboard_reads_series_the_server_exports(http: httpx.Client) -> None:
+    """Every metric and every `by (label)` of k8s/grafana-dashboard.json exists in a real /metrics."""
+    import json
+    import re
+
+    http.post("/generate", json={"prompt": "Hi", "max_length": 2})
+    http.post("/generate", json={"prompt": "Hi", "max_length": -1})
+    text = http.get("/metrics").text
+    dashboard = json.loads((REPO / "k8s" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(exprs) >= 15
+    for expr in exprs:
+        for name in re.findall(r"\b((?:llama|process)_[a-z_]+)\b", expr):
+            assert re.search(rf"^{name}[{{ ]", text, re.M), f"{name} is not exported ({expr})"
+            for labels in re.findall(r"by \(([a-z_, ]+)\)", expr):
+                for label in (x.strip() for x in labels.split(",")):
+                    assert label == "le" or re.search(rf"^{name}{{[^}}]*\b{label}=", text, re.M), (name, label)
+
+
 def test_ready_is_503_with_a_body_and_serve_exits_nonzero_when_the_model_cannot_load(tmp_path: Path) -> None:
     broken = tmp_path / "truncated.gguf"
     broken.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 64)  # the magic, then nothing usable
