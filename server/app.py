@@ -113,3 +113,8 @@ async def _watch_load(engine: Engine, on_fatal: Callable[[str], None] | None) ->
     await asyncio.to_thread(engine.loaded.wait)
     if engine.state is EngineState.FAILED and on_fatal is not None:
         on_fatal(engine.load_error or "model failed to load")
+        return
+    while not engine.ended.is_set():  # polled: a thread blocked on it would hold up the loop's shutdown
+        await asyncio.sleep(0.25)
+    if engine.crashed is not None and on_fatal is not None:
+        on_fatal(f"the engine crashed: {engine.crashed}")

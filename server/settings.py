@@ -65,6 +65,17 @@ class Settings(BaseSettings):
         default=512, ge=16, le=8192,
         description="Most tokens given to one llama_decode call; long prompts are prefilled in chunks of this size.",
     )
+    prefill_budget: int = Field(
+        default=0, ge=0, le=8192,
+        description="Most prompt tokens prefilled in one step while other streams are generating, so a long "
+        "prompt never stalls them. 0 (auto): measured as the engine runs, so that such a step costs about two "
+        "decode steps (a running stream's inter-token gap at most doubles).",
+    )
+    watchdog_timeout_s: float = Field(
+        default=120.0, gt=0.0, le=86_400.0,
+        description="/health fails when the engine has work but has finished no step for this long (a hung "
+        "llama_decode): the liveness probe then restarts the pod. Longer than the slowest prefill step.",
+    )
     n_threads: int = Field(default_factory=_default_threads, ge=1, le=512, description="Threads for decoding.")
     n_threads_batch: int | None = Field(
         default=None, ge=1, le=512, description="Threads for prompt processing. Unset: same as n_threads."
@@ -200,6 +211,9 @@ class Settings(BaseSettings):
                 f"ctx_size {self.ctx_size} leaves {self.ctx_size // self.parallel} tokens per slot "
                 f"for {self.parallel} slots; raise ctx_size or lower parallel"
             )
+        if self.parallel > self.batch_size:
+            raise ValueError(f"parallel {self.parallel} is more than batch_size {self.batch_size}: every "
+                             "generating slot needs a token of each batch; raise batch_size or lower parallel")
         if self.cache_type == "q8_0" and not self.flash_attn:
             raise ValueError("cache_type q8_0 needs flash_attn on")
         if self.default_max_tokens > self.max_tokens_limit:

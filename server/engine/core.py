@@ -1,9 +1,16 @@
 """The engine: one thread owns the model and the context, and decodes all active requests together.
 
 Each step puts the next token of every generating sequence, plus a chunk of any prompt still being
-prefilled, into one ``llama_batch`` and calls ``llama_decode`` once. Requests join at the next step, leave
-when done or cancelled, and a request whose prompt shares a prefix with a free slot's cached tokens reuses
-that slot's KV cells instead of computing them again.
+prefilled, into one ``llama_batch`` and calls ``llama_decode`` once. While streams are generating, the chunk is
+held to a budget (``PREFILL_BUDGET``; measured by default) so that a long prompt arriving never stalls them for
+more than about one extra decode step; a cancelled prefill aborts its step at once.
+
+Requests join at the next step and leave when done or cancelled. A slot keeps its KV cells after its request
+ends, and the next request whose prompt continues them (a conversation's next turn, a stopped answer
+continued) reuses them instead of computing them again (see :mod:`server.engine.scheduling`).
+
+If the loop itself fails, the engine ends FAILED and the app exits non-zero; ``health_problem`` also reports an
+engine that has work but makes no progress.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from enum import StrEnum
 
 from server.engine.llama import Batch, LlamaContext, LlamaError, LlamaModel, ModelInfo, system_info
 from server.engine.sampling import Sampler
+from server.engine.scheduling import PrefillBudget, choose_slot
 from server.engine.text import TextStream
 from server.engine.types import (
     ErrorEvent,
@@ -92,14 +100,7 @@ class _Slot:
     active: _Active | None = None
     last_used: float = 0.0
     scope: str = ""  # cache_scope of the request that filled ``tokens``
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    prompt_len: int = 0  # that request's prompt tokens; the cells past them hold its output
 
 
 class Engine:
@@ -122,6 +123,12 @@ class Engine:
         self._stopping = False
         self.draining = False  # set on shutdown: no new requests, the ones in flight finish
         self._slots = [_Slot(seq_id=i) for i in range(settings.parallel)]
+        self._budget = PrefillBudget(fixed=settings.prefill_budget)
+        self._prefilling_now: frozenset[RequestHandle] = frozenset()  # requests with prompt tokens in this step
+        self._progress_at = time.monotonic()  # the engine loop's last turn
+        self._busy_since = time.monotonic()  # when in_flight last left 0
+        self.ended = threading.Event()  # the engine thread has ended
+        self.crashed: str | None = None  # why the engine loop failed
         self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
         metrics.bind_state(
             queue_depth=lambda: len(self._waiting),
@@ -146,7 +153,25 @@ class Engine:
 
     @property
     def slot_ctx(self) -> int:
-        return self.settings.slot_ctx
+        """Tokens of context one request may use: llama.cpp's cells per sequence once the context exists."""
+        ctx = getattr(self, "_ctx", None)
+        return ctx.n_ctx_seq if ctx is not None else self.settings.slot_ctx
+
+    def health_problem(self) -> str | None:
+        """Why the engine cannot serve any more (None while it can, or is still loading): its thread ended,
+        its loop crashed, or it has had work and made no progress for ``WATCHDOG_TIMEOUT_S``."""
+        if self.crashed is not None:
+            return f"the engine crashed: {self.crashed}"
+        if self.state is EngineState.READY and not self._thread.is_alive() and not self._stopping:
+            return "the engine thread has ended"
+        with self._lock:
+            busy = self._in_flight > 0
+        if busy and self.state is EngineState.READY:
+            stalled = time.monotonic() - max(self._progress_at, self._busy_since)
+            if stalled > self.settings.watchdog_timeout_s:
+                return (f"the engine has made no progress for {stalled:.0f} s while it has work "
+                        f"({self.in_flight()} requests in flight)")
+        return None
 
     def in_flight(self) -> int:
         """Requests accepted and not finished: running or waiting for a slot."""
@@ -179,12 +204,22 @@ class Engine:
                 raise EngineOverloaded(
                     f"all {self.settings.parallel} slots are busy and {self.settings.queue_size} requests wait"
                 )
+            if self._in_flight == 0:
+                self._busy_since = time.monotonic()
             self._in_flight += 1
             self._waiting.append(handle)
+        handle.on_cancel = self._on_cancel
         self._wake.set()
         return handle
 
+    def _on_cancel(self, handle: RequestHandle) -> None:
+        """From the caller's thread: a request whose prompt is being prefilled right now stops that step."""
+        if handle in self._prefilling_now:
+            self._ctx.abort()
+
     def not_ready_reason(self) -> str:
+        if self.crashed is not None:
+            return f"the engine crashed: {self.crashed}"
         if self._stopping or self.draining or self.state is EngineState.STOPPED:
             return "the server is shutting down"
         if self.state is EngineState.FAILED:
@@ -194,6 +229,12 @@ class Engine:
     # ---- the engine thread ----
 
     def _run(self) -> None:
+        try:
+            self._run_engine()
+        finally:
+            self.ended.set()
+
+    def _run_engine(self) -> None:
         try:
             self._load()
         except Exception as exc:  # any failure to load is reported, never raised into the void
@@ -207,13 +248,14 @@ class Engine:
         self.loaded.set()
         try:
             self._loop()
-        except Exception:  # pragma: no cover - a bug; keep the reason in the log, fail the requests
+        except BaseException as exc:  # a bug: keep the reason, fail the requests; the app then exits non-zero
             log.exception("engine loop crashed")
+            self.crashed = f"{type(exc).__name__}: {exc}"
             self.state = EngineState.FAILED
             self.load_error = "engine loop crashed"
         finally:
             self.metrics.ready.set(0)
-            self._fail_everything("the server is shutting down")
+            self._fail_everything(self.not_ready_reason() if self.crashed else "the server is shutting down")
             if self.state is EngineState.READY:
                 self.state = EngineState.STOPPED
             self._ctx.close()
@@ -244,15 +286,20 @@ class Engine:
             cache_type=self.cache_type,
         )
         self._batch = Batch(s.batch_size)
+        # Cutting a sequence back to a shared prefix needs memory that keeps every cell of it: not recurrent
+        # state (Mamba, RWKV, hybrids), and with sliding-window attention only while the window's cells remain.
+        self._partial_reuse = not self.model.recurrent
         log.info(
             "model loaded in %.2fs: %s (%s, %.2f GiB, %d params); %d slots x %d tokens, KV cache %s, mmap %s, "
-            "%d threads", time.perf_counter() - t0, self.info.path, self.info.description,
-            self.info.size_bytes / 2**30, self.info.n_params, s.parallel, s.slot_ctx, self.cache_type,
+            "%d threads, prompt-prefix reuse %s", time.perf_counter() - t0, self.info.path, self.info.description,
+            self.info.size_bytes / 2**30, self.info.n_params, s.parallel, self.slot_ctx, self.cache_type,
             "on" if s.use_mmap else "off", s.n_threads,
+            "on" if self._partial_reuse else "off (recurrent model)",
         )
 
     def _loop(self) -> None:
         while True:
+            self._progress_at = time.monotonic()
             with self._lock:
                 if self._stopping:
                     return
@@ -309,18 +356,11 @@ class Engine:
 
     def _start(self, handle: RequestHandle, free: list[_Slot]) -> None:
         prompt = handle.request.prompt_tokens
-        # Reuse the free slot whose cached tokens share the longest prefix with this prompt; else the one
-        # unused the longest. At least one prompt token is always decoded, to get logits for the first sample.
         scope = handle.request.cache_scope
-        if handle.request.cache_prompt:
-            slot = max(free, key=lambda s: (_common_prefix(s.tokens, prompt) if s.scope == scope else 0,
-                                            -s.last_used))
-            keep = min(_common_prefix(slot.tokens, prompt), len(prompt) - 1) if slot.scope == scope else 0
-        else:
-            slot, keep = min(free, key=lambda s: s.last_used), 0
-        self._ctx.seq_rm(slot.seq_id, keep, -1)
-        del slot.tokens[keep:]
-        slot.scope = scope
+        slot, shared = choose_slot(free, prompt, scope, handle.request.cache_prompt)
+        # At least one prompt token is always decoded, to get logits for the first sample.
+        keep = self._cut_back(slot, min(shared, len(prompt) - 1))
+        slot.scope, slot.prompt_len = scope, len(prompt)
         assert self.model is not None
         sampler = Sampler(handle.request.sampling, self.model.n_vocab, self.model.vocab)
         if handle.request.sampling.has_penalties:
@@ -337,36 +377,67 @@ class Engine:
         self.metrics.prompt_tokens.inc(len(prompt))
         self.metrics.cached_prompt_tokens.inc(keep)
 
+    def _cut_back(self, slot: _Slot, keep: int) -> int:
+        """Drop a slot's cells past ``keep`` tokens; returns how many it keeps (0 where the model's memory
+        cannot keep that prefix, so the prompt is computed whole rather than wrong)."""
+        assert self.model is not None
+        if keep and keep < len(slot.tokens) and not self._partial_reuse:
+            keep = 0
+        if keep and not self._ctx.seq_rm(slot.seq_id, keep, -1):
+            keep = 0
+        if keep and self.model.n_swa and self._ctx.seq_pos_min(slot.seq_id) > max(0, keep - self.model.n_swa):
+            keep = 0  # the sliding window has already dropped cells the next token attends to
+        if keep == 0:
+            self._ctx.seq_rm(slot.seq_id, 0, -1)
+        del slot.tokens[keep:]
+        return keep
+
     def _step(self) -> None:
         batch = self._batch
         batch.clear()
         outputs: list[tuple[_Slot, int]] = []  # slots that sample this step, with their batch index
         added: list[tuple[_Slot, list[int]]] = []
-        # Running streams first, one token each, so a long prefill never stalls them.
+        # Running streams first, one token each; prompts share what the budget leaves beside them.
         for slot in self._slots:
             a = slot.active
             if a is not None and not a.prefilling:
                 outputs.append((slot, batch.add_one(a.last_token, a.n_past, slot.seq_id)))
                 added.append((slot, [a.last_token]))
+        n_decode = len(added)
+        room = self._budget.tokens(batch.free) if n_decode else batch.free
+        prefilling = []
         for slot in sorted((s for s in self._slots if s.active and s.active.prefilling),
                            key=lambda s: s.active.handle.arrived):  # type: ignore[union-attr]
-            if batch.free == 0:
+            if room == 0:
                 break
             a = slot.active
             assert a is not None
-            chunk = a.prompt[a.n_past:a.n_past + batch.free]
+            chunk = a.prompt[a.n_past:a.n_past + room]
+            room -= len(chunk)
             last = a.n_past + len(chunk) == len(a.prompt)
             index = batch.add(chunk, a.n_past, slot.seq_id, last)
             added.append((slot, chunk))
+            prefilling.append(a.handle)
             if last:
                 outputs.append((slot, index))
+        self._ctx.clear_abort()
+        self._prefilling_now = frozenset(prefilling)
+        if any(h.cancelled for h in prefilling):
+            self._ctx.abort()  # cancelled between the loop's check and now: the step stops at once
+        started = time.perf_counter()
         try:
-            self._ctx.decode(batch)
+            done = self._ctx.decode(batch)
         except LlamaError as exc:
             log.error("%s; failing the %d requests in this batch", exc, len(added))
             for slot, _ in added:
                 self._finish(slot, FinishReason.ERROR, error=str(exc), drop_cache=True)
             return
+        finally:
+            self._prefilling_now = frozenset()
+        if not done:
+            self._aborted(added)
+            return
+        self._budget.observe(time.perf_counter() - started, n_decode, batch.n_tokens - n_decode)
         self.metrics.decode_steps.inc()
         for slot, tokens in added:
             assert slot.active is not None
@@ -379,6 +450,16 @@ class Engine:
                 log.exception("sampling failed for %s", slot.active.handle.request.request_id if slot.active else "?")
                 if slot.active is not None:
                     self._finish(slot, FinishReason.ERROR, error=f"sampling failed: {exc}", drop_cache=True)
+
+    def _aborted(self, added: list[tuple[_Slot, list[int]]]) -> None:
+        """A cancel stopped the step: llama.cpp keeps the micro-batches it finished, so every sequence of the
+        step is cut back to where it stood, and the others run this step again next time."""
+        for slot, _ in added:
+            a = slot.active
+            assert a is not None
+            if not self._ctx.seq_rm(slot.seq_id, a.n_past, -1):  # recurrent state cannot step back
+                self._finish(slot, FinishReason.ERROR, error="the step was aborted and the model's state lost",
+                             drop_cache=True)
 
     def _sampled(self, slot: _Slot, index: int) -> None:
         a = slot.active
@@ -412,8 +493,9 @@ class Engine:
         slot.active = None
         slot.last_used = time.perf_counter()
         a.sampler.close()
-        if reason in (FinishReason.CANCELLED, FinishReason.ERROR) or drop_cache:
-            # A cancelled request gives back its KV cells at once.
+        if reason is FinishReason.ERROR or drop_cache:
+            # After a failure the cells may not match ``tokens``. A finished or cancelled request keeps them:
+            # with one KV stream per slot nobody else could use them, and a stopped answer may be continued.
             self._ctx.seq_rm(slot.seq_id, 0, -1)
             slot.tokens.clear()
         with self._lock:

@@ -1,12 +1,13 @@
 """Thin, typed wrappers over llama.cpp's C API (through llama-cpp-python's ctypes bindings).
 
 Only the engine thread calls into a context; the vocabulary is read-only after load, so tokenizing and
-detokenizing may happen on any thread.
+detokenizing may happen on any thread (token pieces come from a table built at load, no shared buffer).
 """
 
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,7 +101,13 @@ class LlamaModel:
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         self.bos = llama_cpp.llama_vocab_bos(self.vocab)
         self.eos = llama_cpp.llama_vocab_eos(self.vocab)
-        self._piece_buf = ctypes.create_string_buffer(256)
+        # Built once: the engine thread and the event loop (chat formatting) both read them, lock-free.
+        self._pieces: tuple[bytes, ...] = tuple(self._piece(t, special=False) for t in range(self.n_vocab))
+        self._eog = frozenset(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t))
+        self.n_swa = int(llama_cpp.llama_model_n_swa(self._ptr))  # sliding-window attention: cells fall out
+        # Recurrent state (Mamba, RWKV) or hybrid: a sequence cannot be cut back to a shorter prefix.
+        self.recurrent = bool(llama_cpp.llama_model_is_recurrent(self._ptr)
+                              or llama_cpp.llama_model_is_hybrid(self._ptr))
 
     @property
     def ptr(self) -> llama_cpp.llama_model_p:
@@ -146,14 +153,17 @@ class LlamaModel:
             n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
         return list(buf[:n])
 
-    def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
-        """The bytes of one token (a piece of a UTF-8 character, for byte-fallback tokens)."""
-        buf = self._piece_buf
+    def _piece(self, token: int, *, special: bool) -> bytes:
+        buf = ctypes.create_string_buffer(64)
         n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
             n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         return buf.raw[:n]
+
+    def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes of one token (a piece of a UTF-8 character, for byte-fallback tokens); safe from any thread."""
+        return self._piece(token, special=True) if special else self._pieces[token]
 
     def detokenize(self, tokens: list[int]) -> str:
         return b"".join(self.token_to_piece(t) for t in tokens).decode("utf-8", "replace")
@@ -169,7 +179,7 @@ class LlamaModel:
         return texts
 
     def is_eog(self, token: int) -> bool:
-        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+        return token in self._eog
 
     def close(self) -> None:
         if self._ptr:
@@ -215,21 +225,40 @@ class LlamaContext:
             raise LlamaError(f"llama.cpp could not create a context of {n_ctx} tokens (out of memory?)")
         self.model = model
         self.n_ctx = llama_cpp.llama_n_ctx(self._ptr)
+        self.n_ctx_seq = llama_cpp.llama_n_ctx_seq(self._ptr)  # cells of one sequence, after llama.cpp's rounding
         self.n_batch = n_batch
         self.memory = llama_cpp.llama_get_memory(self._ptr)
+        self._abort = _AbortFlag()
+        llama_cpp.llama_set_abort_callback(self._ptr, self._abort.callback, self._abort.data)
 
     @property
     def ptr(self) -> llama_cpp.llama_context_p:
         return self._ptr
 
-    def decode(self, batch: Batch) -> None:
+    def decode(self, batch: Batch) -> bool:
+        """Run one batch; False if :meth:`abort` stopped it (its cells are then not kept: see llama_decode)."""
         rc = llama_cpp.llama_decode(self._ptr, batch.struct())
+        if rc == 2:
+            return False
         if rc != 0:
             raise LlamaError(f"llama_decode failed with code {rc}")
+        return True
 
-    def seq_rm(self, seq_id: int, p0: int = 0, p1: int = -1) -> None:
-        """Drop the KV cells of ``seq_id`` at positions [p0, p1) (p1 = -1: to the end)."""
-        llama_cpp.llama_memory_seq_rm(self.memory, seq_id, p0, p1)
+    def abort(self) -> None:
+        """Stop the decode now running (from any thread) at its next graph node."""
+        self._abort.set()
+
+    def clear_abort(self) -> None:
+        self._abort.clear()
+
+    def seq_rm(self, seq_id: int, p0: int = 0, p1: int = -1) -> bool:
+        """Drop the KV cells of ``seq_id`` at positions [p0, p1) (p1 = -1: to the end). False when the memory
+        cannot remove part of a sequence (recurrent state); removing all of it always works."""
+        return bool(llama_cpp.llama_memory_seq_rm(self.memory, seq_id, p0, p1))
+
+    def seq_pos_min(self, seq_id: int) -> int:
+        """The smallest position ``seq_id`` still holds (-1: none); above 0 when a sliding window dropped cells."""
+        return int(llama_cpp.llama_memory_seq_pos_min(self.memory, seq_id))
 
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(self.memory, True)
@@ -238,6 +267,27 @@ class LlamaContext:
         if self._ptr:
             llama_cpp.llama_free(self._ptr)
             self._ptr = None
+
+
+class _AbortFlag:
+    """The abort callback of a context, without Python in it.
+
+    ggml calls the callback after every graph node on the compute thread; a Python callback would take the GIL
+    there each time (and wait for it while the event loop runs). libc's ``strlen`` over a two-byte buffer is a
+    native ``bool(void *)``: 0 while the buffer is empty, 1 once :meth:`set` writes a byte.
+    """
+
+    def __init__(self) -> None:
+        self._buf = ctypes.create_string_buffer(2)
+        self.data = ctypes.cast(self._buf, ctypes.c_void_p)
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        self.callback = llama_cpp.ggml_abort_callback(ctypes.cast(libc.strlen, ctypes.c_void_p).value)
+
+    def set(self) -> None:
+        self._buf[0] = b"x"
+
+    def clear(self) -> None:
+        self._buf[0] = b"\0"
 
 
 class Batch:

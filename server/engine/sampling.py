@@ -10,6 +10,9 @@ import numpy as np
 
 RANDOM_SEED = llama_cpp.LLAMA_DEFAULT_SEED  # llama.cpp draws a random seed for this value
 GRAMMAR_SHORTLIST = 256  # tokens a grammar checks first when the sampled token is refused
+# Generated tokens that presence and frequency penalties count (OpenAI counts all of them; 4096 is the default
+# MAX_TOKENS_LIMIT).
+GENERATED_PENALTY_WINDOW = 4096
 
 
 @dataclass(frozen=True)
@@ -92,11 +95,17 @@ class Sampler:
         if params.logit_bias:
             biases = (llama_cpp.llama_logit_bias * len(params.logit_bias))(*params.logit_bias)
             self._add(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(params.logit_bias), biases))
-        if params.has_penalties:
+        # repeat_penalty looks back over prompt and output (llama.cpp's meaning); presence and frequency
+        # penalties count the generated tokens only (OpenAI's and vLLM's meaning), so they get a sampler of
+        # their own that never sees the prompt.
+        self._repeat = None
+        if params.repeat_penalty != 1.0:
+            self._repeat = llama_cpp.llama_sampler_init_penalties(
+                n_vocab, params.penalty_last_n, params.repeat_penalty, 0.0, 0.0)
+            self._add(self._repeat)
+        if params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
             self._add(llama_cpp.llama_sampler_init_penalties(
-                n_vocab, params.penalty_last_n, params.repeat_penalty, params.frequency_penalty,
-                params.presence_penalty,
-            ))
+                n_vocab, GENERATED_PENALTY_WINDOW, 1.0, params.frequency_penalty, params.presence_penalty))
         if params.greedy:
             self._add(llama_cpp.llama_sampler_init_greedy())
         else:
@@ -114,8 +123,9 @@ class Sampler:
         llama_cpp.llama_sampler_chain_add(self._ptr, sampler)  # the chain owns it from here
 
     def accept(self, token: int) -> None:
-        """Feed a prompt token to the penalty window, as if it had been sampled."""
-        llama_cpp.llama_sampler_accept(self._ptr, token)
+        """Feed a prompt token to the repeat-penalty window (the others count generated tokens only)."""
+        if self._repeat is not None:
+            llama_cpp.llama_sampler_accept(self._repeat, token)
 
     def sample(self, ctx: llama_cpp.llama_context_p, batch_index: int) -> int:
         """Pick the next token from the logits at ``batch_index`` of the last decode (and accept it)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -95,6 +95,7 @@ class RequestHandle:
     _queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     done: bool = False
+    on_cancel: Callable[[RequestHandle], None] | None = None  # the engine's: stops a prefill step at once
 
     def publish(self, event: Event) -> None:
         """Called by the engine thread."""
@@ -109,6 +110,8 @@ class RequestHandle:
         """Stop generating; the engine frees the slot at its next step."""
         if not self.done:
             self.cancelled = True
+            if self.on_cancel is not None:
+                self.on_cancel(self)
             self.wake_engine.set()
 
     async def events(self) -> AsyncIterator[Event]:

@@ -45,7 +45,12 @@ class InfoResponse(BaseModel):
 
 @router.get("/health", response_model=HealthResponse, responses={503: {"model": ErrorResponse}})
 async def health(engine: EngineDep) -> HealthResponse:
-    """Liveness: the process answers and its engine thread is alive (loading counts as alive)."""
+    """Liveness: the process answers and its engine is alive (loading counts as alive): 503 when the model
+    failed to load, the engine thread crashed or ended, or it has had work and made no progress for
+    ``WATCHDOG_TIMEOUT_S`` (a hung decode), so the liveness probe restarts the pod."""
+    problem = engine.health_problem()
+    if problem is not None:
+        raise unavailable(problem, code="engine_failed")
     if engine.state is EngineState.FAILED:
         raise unavailable(f"engine failed: {engine.load_error}", code="engine_failed")
     return HealthResponse(status="ok", engine=engine.state.value)
@@ -75,7 +80,7 @@ async def info(engine: EngineDep, service: ServiceDep, request: Request) -> Info
     return InfoResponse(
         model=service.model_name, file=Path(i.path).name, description=i.description, architecture=i.architecture,
         n_params=i.n_params, size_bytes=i.size_bytes, n_ctx_train=i.n_ctx_train, ctx_size=s.ctx_size,
-        slot_ctx=s.slot_ctx, parallel=s.parallel, chat_template=i.chat_template,
+        slot_ctx=engine.slot_ctx, parallel=s.parallel, chat_template=i.chat_template,
         auth_required=request.app.state.key_checker.enabled,
     )
 

@@ -1,0 +1,112 @@
+"""Two decisions of the engine's step, kept apart from llama.cpp: which slot a request takes, and how many
+prompt tokens a step may prefill beside the streams already generating."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+# With no own slot and no empty one, a slot is reused for its prefix only when the prompt keeps at least this
+# share of its cells; llama-server treats losing more than half of a slot's context as losing it.
+KEEP_SHARE = 0.5
+
+
+class CachedSlot(Protocol):
+    tokens: list[int]
+    prompt_len: int  # of the last request that filled ``tokens``; the cells past it hold its output
+    last_used: float
+    scope: str
+
+
+S = TypeVar("S", bound=CachedSlot)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def choose_slot(free: Sequence[S], prompt: Sequence[int], scope: str, reuse: bool) -> tuple[S, int]:
+    """The free slot a request takes, and how many of its cached tokens the prompt shares.
+
+    As llama-server, by similarity, then least recently used; but without llama-server's host-memory prompt
+    cache, a slot holding another conversation is not given up while an empty one is left: first the slot that
+    is this prompt's own (it continues the slot's last prompt), then an empty slot, then the slot that keeps the
+    most of its cells (at least half), then the least recently used. Only slots whose last request had the same
+    ``scope`` share their cells.
+    """
+    shared = {id(s): common_prefix(s.tokens, prompt) if reuse and s.scope == scope and s.tokens else 0
+              for s in free}
+
+    def own(s: S) -> bool:
+        # The prompt continues what the slot holds up to the end of its last prompt: a conversation's next turn,
+        # a stopped answer continued, the same prompt again. Another conversation that only shares the system
+        # prompt diverges before that end.
+        return shared[id(s)] > 0 and shared[id(s)] >= min(s.prompt_len, len(s.tokens))
+
+    def keeps_most(s: S) -> bool:
+        return shared[id(s)] > 0 and shared[id(s)] >= KEEP_SHARE * len(s.tokens)
+
+    def best(slots: list[S]) -> tuple[S, int]:
+        slot = max(slots, key=lambda s: (shared[id(s)], s.last_used))
+        return slot, shared[id(slot)]
+
+    if mine := [s for s in free if own(s)]:
+        return best(mine)
+    if empty := [s for s in free if not s.tokens]:
+        return empty[0], 0
+    if similar := [s for s in free if keeps_most(s)]:
+        return best(similar)
+    slot = min(free, key=lambda s: s.last_used)
+    return slot, shared[id(slot)]
+
+
+@dataclass
+class PrefillBudget:
+    """Prompt tokens a step may carry while streams are generating.
+
+    A fixed number when set; else measured: a step with ``n`` prompt tokens beside the streams costs about
+    ``decode + n * per_token``, so ``decode / per_token`` tokens make such a step about two decode steps long
+    (a running stream's inter-token gap at most doubles). Both terms are moving averages of this engine's own
+    steps, so the budget follows the model, the machine and the number of streams.
+    """
+
+    fixed: int = 0
+    initial: int = 16
+    alpha: float = 0.2  # weight of the newest step in the averages
+    decode_s: float | None = None  # a step of generating streams alone
+    per_token_s: float | None = None  # what each prompt token adds to such a step
+    last: int = 0
+
+    def tokens(self, room: int) -> int:
+        """The budget for the next step, at most ``room`` and at least 1 (a prompt always advances)."""
+        if self.fixed:
+            n = self.fixed
+        elif self.decode_s is None or self.per_token_s is None:
+            n = self.initial
+        else:
+            n = round(self.decode_s / self.per_token_s)
+            if self.last:
+                n = min(n, 2 * self.last)  # grow gradually: one noisy step must not unleash a long one
+        self.last = max(1, min(n, room))
+        return self.last
+
+    def observe(self, seconds: float, n_decode: int, n_prompt: int) -> None:
+        """Record a finished step: ``n_decode`` generating streams and ``n_prompt`` prompt tokens."""
+        if n_decode == 0:
+            if n_prompt and self.per_token_s is None:
+                self.per_token_s = seconds / n_prompt  # a first guess from a prefill alone
+            return
+        if n_prompt == 0:
+            self.decode_s = seconds if self.decode_s is None else self.decode_s + self.alpha * (seconds - self.decode_s)
+            return
+        if self.decode_s is None:
+            return
+        # The step's cost beyond a plain decode step, per prompt token (never 0: a noisy step can cost less).
+        sample = max(seconds - self.decode_s, 0.05 * self.decode_s) / n_prompt
+        self.per_token_s = sample if self.per_token_s is None else self.per_token_s + self.alpha * (
+            sample - self.per_token_s)
