@@ -85,6 +85,9 @@ class SamplingFields(BaseModel):
         default=1.0, gt=0.0, le=10.0, validation_alias=AliasChoices("repetition_penalty", "repeat_penalty"),
         description="Multiplicative penalty on tokens already in the context (1.0 is off); also `repeat_penalty`.")
     response_format: ResponseFormat | None = None
+    speculative: bool | None = Field(
+        default=None, description="This server's extra: speculative decoding for this request (greedy output is "
+        "the same); unset follows the server's SPECULATIVE setting.")
 
     @field_validator("logit_bias")
     @classmethod
@@ -139,8 +142,6 @@ class SamplingFields(BaseModel):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for the first parameter set to something this server does not do."""
-        if self.n > 1 and self.stream:
-            return "n", "n > 1 is supported without streaming only"
         return None
 
     @property

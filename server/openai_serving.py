@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request, Response
@@ -108,7 +108,7 @@ async def _submit(service: GenerationService, body: SamplingFields, prompt: str 
     request_id = service.new_id(prefix)
     first = await service.build(prompt, max_tokens=max_tokens, sampling=sampling, stop=body.stop_strings(),
                                 request_id=request_id, max_tokens_param="max_tokens", grammar_param=grammar_param,
-                                **options)
+                                speculative=body.speculative, **options)
     requests = [first] + [
         dataclasses.replace(first, sampling=dataclasses.replace(
             sampling, seed=None if sampling.seed is None else (sampling.seed + i) % (2**32 - 1)))
@@ -166,8 +166,14 @@ async def serve_completion(service: GenerationService, body: CompletionRequest, 
     logprobs = Logprobs(model) if body.logprobs is not None else None
     request_id = handles[0].request.request_id
     if body.stream:
-        return TokenEventSourceResponse(
-            _completion_stream(service, handles[0], body, created, fields, service.model_name, logprobs))
+        finals: list[FinalEvent] = []
+        streams = [_completion_stream(service, h, i, created, fields, logprobs, finals) for i, h in enumerate(handles)]
+
+        def usage_chunk() -> str:
+            return Completion(id=request_id, created=created, model=service.model_name, choices=[],
+                              usage=_usage(finals)).model_dump_json()
+
+        return TokenEventSourceResponse(_merged(streams, finals, usage_chunk if body.include_usage else None))
     results = await _collect(service, handles, http_request, fields)
     if results is None:
         return Response(status_code=CLIENT_CLOSED)
@@ -178,23 +184,24 @@ async def serve_completion(service: GenerationService, body: CompletionRequest, 
                       usage=_usage([final for final, _ in results]))
 
 
-async def _completion_stream(service: GenerationService, handle: RequestHandle, body: CompletionRequest,
-                             created: int, fields: dict[str, object], model_name: str, logprobs: Logprobs | None
+async def _completion_stream(service: GenerationService, handle: RequestHandle, index: int, created: int,
+                             fields: dict[str, object], logprobs: Logprobs | None, finals: list[FinalEvent]
                              ) -> AsyncIterator[ServerSentEvent]:
+    """One choice's chunks; its final event goes to ``finals``."""
     request_id = handle.request.request_id
     offset = 0
     pending: list[TokenEvent] = []
 
-    def chunk(text: str, finish: str | None, usage: Usage | None = None) -> str:
+    def chunk(text: str, finish: str | None) -> str:
         nonlocal offset
         lp = None
         if logprobs is not None and (text or finish):
             lp = logprobs.completion(pending, offset)
             pending.clear()
             offset += len(text)
-        choices = [] if usage else [CompletionChoice(text=text, finish_reason=finish, logprobs=lp)]  # type: ignore[arg-type]
-        return Completion(id=request_id, created=created, model=model_name, choices=choices,
-                          usage=usage).model_dump_json()
+        choice = CompletionChoice(index=index, text=text, finish_reason=finish, logprobs=lp)  # type: ignore[arg-type]
+        return Completion(id=request_id, created=created, model=service.model_name, choices=[choice]
+                          ).model_dump_json()
 
     async for event in service.stream(handle, fields):
         if isinstance(event, TokenEvent):
@@ -203,11 +210,39 @@ async def _completion_stream(service: GenerationService, handle: RequestHandle, 
             if event.text:
                 yield ServerSentEvent(data=chunk(event.text, None))
         elif isinstance(event, FinalEvent):
+            finals.append(event)
             yield ServerSentEvent(data=chunk("", _finish(event)))
-            if body.include_usage:
-                yield ServerSentEvent(data=chunk("", None, _usage([event])))
         else:
             yield _error_event(event)
+
+
+async def _merged(streams: list[AsyncIterator[ServerSentEvent]], finals: list[FinalEvent],
+                  usage_chunk: Callable[[], str] | None) -> AsyncIterator[ServerSentEvent]:
+    """The choices' chunks as they come, then usage (when asked and every choice finished) and ``[DONE]``.
+    Leaving early (the client went away) cancels every choice."""
+    queue: asyncio.Queue[ServerSentEvent | None] = asyncio.Queue()
+
+    async def pump(stream: AsyncIterator[ServerSentEvent]) -> None:
+        try:
+            async for sse in stream:
+                await queue.put(sse)
+        finally:
+            queue.put_nowait(None)
+
+    tasks = [asyncio.create_task(pump(stream)) for stream in streams]
+    try:
+        running = len(tasks)
+        while running:
+            sse = await queue.get()
+            if sse is None:
+                running -= 1
+            else:
+                yield sse
+    finally:
+        for task in tasks:
+            task.cancel()
+    if usage_chunk is not None and len(finals) == len(streams):
+        yield ServerSentEvent(data=usage_chunk())
     yield ServerSentEvent(data="[DONE]")
 
 
@@ -262,7 +297,15 @@ async def serve_chat(service: GenerationService, body: ChatCompletionRequest, ht
     logprobs = Logprobs(model) if body.logprobs else None
     request_id = handles[0].request.request_id
     if body.stream:
-        return TokenEventSourceResponse(_ChatStream(service, handles[0], body, plan, created, logprobs).events(fields))
+        finals: list[FinalEvent] = []
+        streams = [_ChatStream(service, h, i, body, plan, created, logprobs).events(fields, finals)
+                   for i, h in enumerate(handles)]
+
+        def usage_chunk() -> str:
+            return ChatCompletionChunk(id=request_id, created=created, model=service.model_name, choices=[],
+                                       usage=_usage(finals)).model_dump_json()
+
+        return TokenEventSourceResponse(_merged(streams, finals, usage_chunk if body.include_usage else None))
     results = await _collect(service, handles, http_request, fields)
     if results is None:
         return Response(status_code=CLIENT_CLOSED)
@@ -277,25 +320,24 @@ async def serve_chat(service: GenerationService, body: ChatCompletionRequest, ht
 
 
 class _ChatStream:
-    """OpenAI's chat stream: a role chunk, content chunks (or, for a tool call, the call held back until it is
-    whole and then sent as OpenAI sends one: id and name first, then the arguments), a finish chunk, usage if
-    asked, ``[DONE]``."""
+    """One choice of OpenAI's chat stream: a role chunk, content chunks (or, for a tool call, the call held back
+    until it is whole and then sent as OpenAI sends one: id and name first, then the arguments), a finish
+    chunk."""
 
-    def __init__(self, service: GenerationService, handle: RequestHandle, body: ChatCompletionRequest,
+    def __init__(self, service: GenerationService, handle: RequestHandle, index: int, body: ChatCompletionRequest,
                  plan: _ChatPlan, created: int, logprobs: Logprobs | None) -> None:
-        self.service, self.handle, self.body, self.plan = service, handle, body, plan
+        self.service, self.handle, self.index, self.body, self.plan = service, handle, index, body, plan
         self.created, self.logprobs = created, logprobs
         self.pending: list[TokenEvent] = []
 
-    def _chunk(self, delta: ChatDelta, finish: str | None = None, usage: Usage | None = None,
-               with_logprobs: bool = True) -> ServerSentEvent:
+    def _chunk(self, delta: ChatDelta, finish: str | None = None, with_logprobs: bool = True) -> ServerSentEvent:
         lp = None
         if self.logprobs is not None and with_logprobs and self.pending:
             lp = ChoiceLogprobs(content=self.logprobs.chat(self.pending))
             self.pending = []
-        choices = [] if usage else [ChatChunkChoice(delta=delta, finish_reason=finish, logprobs=lp)]  # type: ignore[arg-type]
+        choice = ChatChunkChoice(index=self.index, delta=delta, finish_reason=finish, logprobs=lp)  # type: ignore[arg-type]
         chunk = ChatCompletionChunk(id=self.handle.request.request_id, created=self.created,
-                                    model=self.service.model_name, choices=choices, usage=usage)
+                                    model=self.service.model_name, choices=[choice])
         if delta.tool_calls:
             return ServerSentEvent(data=chunk.model_dump_json(exclude_none=True))
         return ServerSentEvent(data=chunk.model_dump_json())
@@ -310,8 +352,9 @@ class _ChatStream:
                 index=i, function=FunctionCallDelta(arguments=call.function.arguments))]), with_logprobs=False))
         return out
 
-    async def events(self, fields: dict[str, object]) -> AsyncIterator[ServerSentEvent]:
-        yield ServerSentEvent(data=self._chunk(ChatDelta(role="assistant", content="")).data)
+    async def events(self, fields: dict[str, object], finals: list[FinalEvent]) -> AsyncIterator[ServerSentEvent]:
+        """The choice's chunks; its final event goes to ``finals``."""
+        yield self._chunk(ChatDelta(role="assistant", content=""))
         # With tools, an answer that may be a call is held back until it is whole.
         holding: bool | None = True if self.plan.forced else (None if self.plan.parse_tools else False)
         held = ""
@@ -331,6 +374,7 @@ class _ChatStream:
                     held = ""
                 yield self._chunk(ChatDelta(content=event.text))
             elif isinstance(event, FinalEvent):
+                finals.append(event)
                 content, calls, finish = _tool_answer(self.plan, self.body, event)
                 if calls:
                     for sse in self._calls(calls):
@@ -338,8 +382,5 @@ class _ChatStream:
                 elif held:
                     yield self._chunk(ChatDelta(content=held))
                 yield self._chunk(ChatDelta(), finish)
-                if self.body.include_usage:
-                    yield self._chunk(ChatDelta(), usage=_usage([event]))
             else:
                 yield _error_event(event)
-        yield ServerSentEvent(data="[DONE]")

@@ -221,6 +221,22 @@ def test_n_returns_that_many_choices(client: openai.OpenAI) -> None:
     assert len(out.choices) == 2 and out.choices[0].text == out.choices[1].text
 
 
+def test_n_choices_stream_interleaved_with_their_index(client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Name an animal."}], max_tokens=8, temperature=0, n=3,
+        stream=True, stream_options={"include_usage": True}))
+    texts = {i: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+             for i in range(3)}
+    finishes = sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason)
+    assert finishes == [0, 1, 2]
+    assert texts[0] and texts[0] == texts[1] == texts[2]  # greedy: the same text three times
+    assert chunks[-1].usage is not None and chunks[-1].choices == []
+    plain = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Name an animal."}], max_tokens=8, temperature=0)
+    assert texts[0] == plain.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == 3 * plain.usage.completion_tokens  # type: ignore[union-attr]
+
+
 # ---- /tokenize, /detokenize ----
 
 def test_tokenize_and_detokenize_match_llama_cpp(http: httpx.Client, vocab: Llama) -> None:
