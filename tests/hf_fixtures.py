@@ -147,11 +147,15 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+
 def bpe_tokenizer(out: Path, pre: str = "gpt-2", vocab_size: int = 700) -> Any:
     """A byte-level BPE trained with the ``tokenizers`` library on CORPUS, saved by transformers.
 
-    ``pre``: "gpt-2" (GPT-2's expression inside ByteLevel), "llama-bpe" (LLaMA 3's Split, then ByteLevel) or
-    "whitespace" (a split on whitespace only, which no llama.cpp pre-tokenizer reproduces)."""
+    ``pre``: "gpt-2" (GPT-2's expression inside ByteLevel), "gpt-2 as a split" (the same expression in a Split
+    step), "llama-bpe" (LLaMA 3's Split, then ByteLevel) or "whitespace" (a split on whitespace only, which no
+    llama.cpp pre-tokenizer reproduces)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -161,6 +165,11 @@ def bpe_tokenizer(out: Path, pre: str = "gpt-2", vocab_size: int = 700) -> Any:
     elif pre == "llama-bpe":
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    elif pre == "gpt-2 as a split":  # GPT-2's expression, written the way LLaMA 3's tokenizer.json writes its own
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(GPT2_SPLIT), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
     elif pre == "whitespace":

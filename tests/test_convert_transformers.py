@@ -135,6 +135,23 @@ def test_both_layouts_give_the_same_hyperparameters(converted: dict[str, Path]) 
             old.close()
 
 
+@pytest.mark.parametrize(("pre", "name"), [("llama-bpe", "llama-bpe"), ("gpt-2 as a split", "gpt-2")])
+def test_the_pre_tokenizer_is_chosen_by_behaviour(made: dict[str, Path], tmp_path: Path, pre: str,
+                                                  name: str) -> None:
+    d = tmp_path / "ckpt"
+    tok = bpe_tokenizer(d, pre=pre, vocab_size=600)
+    assert len(tok) <= json.loads((made["bpe-v5"] / "config.json").read_text())["vocab_size"]
+    for file in ("model.safetensors", "config.json"):
+        shutil.copy(made["bpe-v5"] / file, d)
+    llm = Llama(str(convert(d, tmp_path / "m.gguf", outtype="f32")), vocab_only=True, verbose=False)
+    try:
+        assert llm.metadata["tokenizer.ggml.pre"] == name
+        for text in TEXTS:
+            assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok(text)["input_ids"], text
+    finally:
+        llm.close()
+
+
 # ---- config layouts, table-driven ----
 
 @pytest.mark.parametrize(
@@ -198,7 +215,7 @@ def test_an_unknown_rope_type_is_refused_by_name(made: dict[str, Path], tmp_path
 
 def test_an_unknown_pre_tokenizer_is_refused_naming_vocab_pre(made: dict[str, Path], tmp_path: Path) -> None:
     d = tmp_path / "ckpt"
-    tok = bpe_tokenizer(d, pre="whitespace")  # the model's embeddings have room for its tokens
+    tok = bpe_tokenizer(d, pre="whitespace", vocab_size=600)  # the model's embeddings have room for it
     assert len(tok) <= json.loads((made["bpe-v5"] / "config.json").read_text())["vocab_size"]
     for name in ("model.safetensors", "config.json"):
         shutil.copy(made["bpe-v5"] / name, d)
