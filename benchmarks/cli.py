@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import time
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,13 +44,24 @@ def _bench(args: argparse.Namespace) -> int:
     with server as proc:
         if proc is not None:
             pid = proc.pid
+        model = args.model
+        if model is None:
+            from benchmarks.bench import model_id
+            from convert.errors import PipelineError
+
+            try:
+                model = model_id(url)
+            except RuntimeError as exc:
+                if args.api == "openai":
+                    raise PipelineError(str(exc)) from exc
+        meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "url": url, "api": args.api,
+                "model": model, "prompt_words": args.prompt_words, "max_tokens": args.max_tokens,
+                "requests": args.requests, "duration_s": args.duration, "client_cpus": os.cpu_count()}
         results = run_bench(url, api=args.api, levels=args.concurrency, requests=args.requests,
                             duration_s=args.duration, prompt_words=args.prompt_words, max_tokens=args.max_tokens,
-                            model=args.model, pid=pid, name=args.name, progress=not args.quiet)
-    print(markdown(results, f"{args.name} at {url} ({args.api} API)"))
-    files = write_results(Path(args.out), {args.name: results},
-                          {"url": url, "api": args.api, "prompt_words": args.prompt_words,
-                           "max_tokens": args.max_tokens, "requests": args.requests, "duration_s": args.duration})
+                            model=model, pid=pid, name=args.name, progress=not args.quiet)
+    print(markdown(results, f"{args.name} at {url} ({args.api} API)", meta))
+    files = write_results(Path(args.out), {args.name: results}, meta)
     print("wrote " + ", ".join(str(f) for f in files))
     return 0 if all(r.ok for r in results) else 1
 
@@ -106,20 +119,25 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("bench", help="Load-test a server: latency, throughput, the server's memory and CPU.")
+    p = sub.add_parser("bench", help="Load-test a server: latency, throughput, the server's memory and CPU.",
+                       description="Load-test a server at several concurrency levels: streamed requests back to "
+                       "back, latency percentiles, throughput, the server's peak memory and CPU. Writes JSON, a "
+                       "Markdown table (with the definition of each figure) and PNG plots.")
     p.add_argument("--url", default=None, help="server to load (default: start llama-inference for the run)")
-    p.add_argument("--api", choices=["native", "openai"], default="native")
-    p.add_argument("--model", default=None, help="model name for the OpenAI API")
+    p.add_argument("--api", choices=["native", "openai"], default="native",
+                   help="native: /generate; openai: /v1/completions (any OpenAI-compatible server)")
+    p.add_argument("--model", default=None, help="model name for the OpenAI API (default: the first id of the "
+                   "server's /v1/models)")
     p.add_argument("--model-path", default=None, help="GGUF for the server this command starts")
     p.add_argument("--concurrency", type=_levels, default=[1, 2, 4], help="levels, e.g. 1,2,4,8")
     p.add_argument("--requests", type=int, default=None, help="requests per level (default 4 x max level)")
     p.add_argument("--duration", type=float, default=None, help="seconds per level instead of a count")
-    p.add_argument("--prompt-words", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--prompt-words", type=int, default=32, help="prompt length in words (about as many tokens)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
     p.add_argument("--pid", type=int, default=None, help="server process to watch for RSS and CPU")
-    p.add_argument("--name", default="llama-inference")
-    p.add_argument("--out", default="benchmarks/results/bench")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--name", default="llama-inference", help="the server's name in the report")
+    p.add_argument("--out", default="benchmarks/results/bench", help="directory for results.json, .md and plots")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_bench)
 
     p = sub.add_parser("plan", help="Predict memory, speed and Kubernetes sizing for a model.",

@@ -29,6 +29,7 @@ class RequestResult:
     start: float
     token_times: list[float] = field(default_factory=list)  # arrival of each streamed token event
     end: float = 0.0
+    error: str = ""  # the server's error message (or the transport error), for the report
 
     @property
     def ok(self) -> bool:
@@ -78,6 +79,7 @@ class LevelStats:
     e2e_ms: dict[str, float]
     server_peak_rss_mb: float | None = None
     server_cpu_percent: float | None = None
+    error_messages: dict[str, str] = field(default_factory=dict)  # status -> the first error message seen
 
 
 def _pcts(values: list[float], scale: float = 1000.0) -> dict[str, float]:
@@ -87,13 +89,17 @@ def _pcts(values: list[float], scale: float = 1000.0) -> dict[str, float]:
 def summarize(concurrency: int, results: list[RequestResult], wall_s: float) -> LevelStats:
     good = [r for r in results if r.ok]
     errors = Counter(str(r.status) for r in results if not r.ok)
+    messages: dict[str, str] = {}
+    for r in results:
+        if not r.ok:
+            messages.setdefault(str(r.status), r.error or "no tokens streamed")
     tokens = sum(len(r.token_times) for r in good)
     return LevelStats(
         concurrency=concurrency, requests=len(results), ok=len(good), errors=dict(errors), wall_s=round(wall_s, 3),
         tokens=tokens, aggregate_tps=round(tokens / wall_s, 2) if wall_s > 0 else 0.0,
         per_stream_tps_p50=round(percentile([r.decode_tps for r in good], 0.5), 2) if good else 0.0,
         ttft_ms=_pcts([r.ttft for r in good]), itl_ms=_pcts([x for r in good for x in r.inter_token]),
-        e2e_ms=_pcts([r.e2e for r in good]),
+        e2e_ms=_pcts([r.e2e for r in good]), error_messages=messages,
     )
 
 
@@ -146,9 +152,10 @@ async def one_request(client: httpx.AsyncClient, api: str, model: str | None, pr
                         if is_token(api, data):
                             result.token_times.append(time.perf_counter())
             else:
-                await response.aread()
-    except httpx.HTTPError:
+                result.error = _error_message(await response.aread())
+    except httpx.HTTPError as exc:
         result.status = 0
+        result.error = f"{type(exc).__name__}: {exc}"
     result.end = time.perf_counter()
     return result
 
@@ -183,5 +190,27 @@ async def run_level(url: str, api: str, concurrency: int, *, requests: int | Non
     return summarize(concurrency, results, time.perf_counter() - start)
 
 
+def _error_message(body: bytes) -> str:
+    """The message of an error answer: our (and OpenAI's) envelope, else the body's start."""
+    try:
+        error = json.loads(body).get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])[:200]
+        if isinstance(error, str):
+            return error[:200]
+    except (ValueError, AttributeError):
+        pass
+    return body.decode(errors="replace").strip()[:200]
+
+
+def _finite(value: object) -> object:
+    """NaN (a percentile of no values) becomes None, so the JSON is valid and reports show a dash."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
+
+
 def stats_dict(stats: LevelStats) -> dict[str, object]:
-    return asdict(stats)
+    return {k: _finite(v) for k, v in asdict(stats).items()}

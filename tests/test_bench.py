@@ -135,4 +135,26 @@ def test_bench_smoke_run_against_the_live_server(live_server: LiveServer, tmp_pa
         assert lv["ttft_ms"]["p50"] > 0 and lv["aggregate_tps"] > 0
         assert lv["server_peak_rss_mb"] > 100
     assert (out / "throughput_latency.png").stat().st_size > 10_000
-    assert "| 2 | 4 | 4 |" in (out / "results.md").read_text()
+    report = (out / "results.md").read_text()
+    assert "| 2 | 4 | 4 | - |" in report
+    assert f"{live_server.url} (native API, model SmolLM2-135M-Instruct.Q4_1); prompts of about 12 words, 8 tokens" \
+        in report
+    assert "nan" not in report and "{" not in report and "**server CPU %**" in report
+
+
+def test_bench_openai_api_reads_the_model_id_and_reports_errors_cleanly(live_server: LiveServer,
+                                                                          tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    base = [sys.executable, "-m", "server", "bench", "--url", live_server.url, "--api", "openai", "--concurrency",
+            "1", "--requests", "2", "--max-tokens", "4", "--out", str(out), "--quiet"]
+    proc = subprocess.run(base, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    [level] = json.loads((out / "results.json").read_text())["servers"]["llama-inference"]
+    assert level["ok"] == 2 and level["errors"] == {}
+    # A request the server refuses: the table counts it and says why; no NaN, no Python dict.
+    proc = subprocess.run([*base, "--max-tokens", "100000"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 1
+    report = (out / "results.md").read_text()
+    assert "| 1 | 2 | 0 | 2 x 400 | 0.0 | - | -/-/- |" in report
+    assert "error 400: max_tokens is 100000; this server allows at most 4096" in report
+    assert json.loads((out / "results.json").read_text())["servers"]["llama-inference"][0]["ttft_ms"]["p50"] is None
