@@ -145,6 +145,24 @@ def test_stop_then_continue_reuses_the_cache(server: LiveServer) -> None:
     assert again["usage"]["cached_tokens"] >= first_prompt_tokens + 10, again["usage"]
 
 
+def test_presence_and_frequency_penalties_count_generated_tokens_only(server: LiveServer) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+    prompt = "one two three, one two three, one two three, one two three, one two"
+
+    def first_token(**extra: object) -> str:
+        reply = client.completions.create(model="any", prompt=prompt, max_tokens=1, temperature=0, **extra)
+        return reply.choices[0].text
+
+    plain = first_token()
+    assert plain.strip() == "three"  # the pattern continues
+    # Nothing generated yet: OpenAI's penalties have nothing to count, so the first token is the same.
+    assert first_token(presence_penalty=2.0, frequency_penalty=2.0) == plain
+    # llama.cpp's repeat penalty does look back over the prompt, and steers away from the repeated word.
+    assert first_token(extra_body={"repetition_penalty": 3.0}) != plain
+
+
 def stream_token_times(url: str, prompt: str, max_length: int, times: list[float], started: threading.Event) -> None:
     with httpx.Client(base_url=url, timeout=120) as client:
         with client.stream("POST", "/generate", json={"prompt": prompt, "max_length": max_length, "temperature": 0,
