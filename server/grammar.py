@@ -44,6 +44,42 @@ ws     ::= | " " | "\n" [ \t]{0,20}
 """
 
 
+# llama.cpp parses a grammar recursively, one level per group: about 20000 nested groups overflow its stack and
+# kill the process, so nesting is bounded (5000 measured safe), and so are the counts the converter turns into
+# nested groups (``maxLength: N`` nests N deep).
+MAX_GROUP_DEPTH = 2000
+MAX_COUNT = 1000
+
+
+class GrammarError(ValueError):
+    """A GBNF grammar this server refuses before llama.cpp sees it."""
+
+
+def check_depth(grammar: str) -> None:
+    """Refuse a grammar whose groups nest deeper than :data:`MAX_GROUP_DEPTH` (literals, character classes and
+    comments skipped)."""
+    depth = deepest = 0
+    i, n = 0, len(grammar)
+    while i < n:
+        c = grammar[i]
+        if c in "\"[":
+            close = '"' if c == '"' else "]"
+            i += 1
+            while i < n and grammar[i] != close:
+                i += 2 if grammar[i] == "\\" else 1
+        elif c == "#":
+            while i < n and grammar[i] not in "\r\n":
+                i += 1
+        elif c == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c == ")":
+            depth -= 1
+        i += 1
+    if deepest > MAX_GROUP_DEPTH:
+        raise GrammarError(f"the grammar nests groups {deepest} deep; at most {MAX_GROUP_DEPTH} are allowed")
+
+
 class SchemaError(ValueError):
     """A JSON Schema this server cannot turn into a grammar; ``keyword`` names the reason."""
 
@@ -94,8 +130,8 @@ def _check(schema: Any, path: str) -> None:
             raise SchemaError(f"only local references ('#/...') are supported, not {value!r} (at {path})",
                               keyword="$ref")
         elif key in ("minItems", "maxItems", "minLength", "maxLength") and (
-                not isinstance(value, int) or isinstance(value, bool) or value < 0):
-            raise SchemaError(f"'{key}' at {path} must be a non-negative integer", keyword=key)
+                not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_COUNT):
+            raise SchemaError(f"'{key}' at {path} must be an integer from 0 to {MAX_COUNT}", keyword=key)
     if "oneOf" in schema and "anyOf" in schema:
         raise SchemaError(f"'oneOf' and 'anyOf' together (at {path}) are not supported", keyword="oneOf")
 
@@ -107,9 +143,14 @@ def schema_to_grammar(schema: Any) -> str:
         return JSON_VALUE_GRAMMAR
     try:
         grammar = llama_grammar.json_schema_to_gbnf(json.dumps(schema))
-    except (AssertionError, KeyError, ValueError, TypeError, RecursionError) as exc:
+    except Exception as exc:  # the converter reports bad input with assertions and whatever it trips on
         raise SchemaError(f"the schema cannot be turned into a grammar: {exc}") from exc
-    return re.sub(r"(?m)^char ::= .*$", lambda _: CHAR_RULE, grammar)
+    grammar = re.sub(r"(?m)^char ::= .*$", lambda _: CHAR_RULE, grammar)
+    try:
+        check_depth(grammar)
+    except GrammarError as exc:
+        raise SchemaError(f"the schema nests too deep for a grammar: {exc}") from exc
+    return grammar
 
 
 JSON_VALUE_GRAMMAR = JSON_OBJECT_GRAMMAR.replace("root   ::= object", "root   ::= value")

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from server.engine.sampling import SamplingParams
 from server.engine.types import FinalEvent
 from server.errors import ErrorDetail, bad_request
-from server.grammar import SchemaError, schema_to_grammar
+from server.grammar import GrammarError, SchemaError, check_depth, schema_to_grammar
 
 MAX_STOP_STRINGS = 16
 
@@ -61,6 +61,10 @@ class GenerateRequest(BaseModel):
     json_schema: dict[str, Any] | bool | None = Field(
         default=None, description="A JSON Schema the output must validate against (the subset a grammar can "
         "enforce; other keywords are refused by name).")
+    speculative: bool | None = Field(
+        default=None,
+        description="Speculative decoding for this request (drafts verified in one batch; greedy output is the "
+        "same): true or false; unset follows the server's SPECULATIVE setting.")
     cache_prompt: bool = Field(
         default=True,
         description="Reuse the KV cache of a slot whose tokens share a prefix with this prompt. Greedy output "
@@ -81,6 +85,11 @@ class GenerateRequest(BaseModel):
         if self.grammar is not None and self.json_schema is not None:
             raise bad_request("give grammar or json_schema, not both", param="json_schema", code="invalid_value")
         if self.json_schema is None:
+            if self.grammar is not None:
+                try:
+                    check_depth(self.grammar)
+                except GrammarError as exc:
+                    raise bad_request(str(exc), param="grammar", code="invalid_grammar") from exc
             return self.grammar
         try:
             return schema_to_grammar(self.json_schema)
@@ -125,6 +134,8 @@ class TimingsInfo(BaseModel):
     time_to_first_token_ms: float
     total_ms: float
     decode_tokens_per_second: float
+    draft_tokens: int = Field(default=0, description="Speculative decoding: tokens drafted for this request.")
+    draft_accepted: int = Field(default=0, description="Of the drafted tokens, those the model accepted.")
 
     @classmethod
     def of(cls, final: FinalEvent) -> TimingsInfo:
@@ -134,6 +145,8 @@ class TimingsInfo(BaseModel):
             time_to_first_token_ms=round(t.time_to_first_token_ms, 3),
             total_ms=round(t.total_ms, 3),
             decode_tokens_per_second=round(t.decode_tokens_per_second, 3),
+            draft_tokens=t.draft_tokens,
+            draft_accepted=t.draft_accepted,
         )
 
 

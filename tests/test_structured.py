@@ -141,6 +141,20 @@ def test_generate_refuses_a_bad_grammar(http: httpx.Client) -> None:
     assert keyword.status_code == 400 and "multipleOf" in keyword.json()["error"]["message"]
 
 
+
+def test_grammars_that_would_overflow_llama_cpp_are_refused(http: httpx.Client) -> None:
+    # llama.cpp parses groups recursively: about 20000 nested groups (or maxLength 20000, which the converter
+    # nests as deep) crash the process instead of failing.
+    deep = http.post("/generate", json={"prompt": "x", "grammar": "root ::= " + "(" * 20000 + '"a"' + ")" * 20000})
+    assert deep.status_code == 400 and deep.json()["error"]["code"] == "invalid_grammar"
+    long = http.post("/generate", json={"prompt": "x", "json_schema": {"type": "string", "maxLength": 20000}})
+    assert long.status_code == 400 and "maxLength" in long.json()["error"]["message"]
+    assert http.get("/health").status_code == 200
+    out = http.post("/generate", json={"prompt": "x", "max_length": 3, "json_schema": {"type": "string",
+                                                                                       "maxLength": 1000}})
+    assert out.status_code == 200 and out.json()["text"].startswith('"')
+
+
 # ---- sampling extras, logit bias, logprobs, n ----
 
 def test_top_k_and_min_p_are_applied(client: openai.OpenAI) -> None:
