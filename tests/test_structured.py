@@ -142,6 +142,13 @@ def test_generate_refuses_a_bad_grammar(http: httpx.Client) -> None:
 
 
 
+def test_a_grammar_that_allows_no_token_fails_the_request_not_the_server(http: httpx.Client) -> None:
+    # Accepting a token the grammar refuses aborts the process inside llama.cpp; the sampler stops first.
+    out = http.post("/generate", json={"prompt": "x", "max_length": 3, "grammar": r"root ::= [^\x00-\U0010FFFF]"})
+    assert out.status_code == 500 and "grammar allows no token" in out.json()["error"]["message"]
+    assert http.post("/generate", json={"prompt": "x", "max_length": 2}).status_code == 200
+
+
 def test_grammars_that_would_overflow_llama_cpp_are_refused(http: httpx.Client) -> None:
     # llama.cpp parses groups recursively: about 20000 nested groups (or maxLength 20000, which the converter
     # nests as deep) crash the process instead of failing.

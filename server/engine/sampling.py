@@ -160,16 +160,23 @@ class Sampler:
             array = self._candidates(logits)
             llama_cpp.llama_sampler_apply(self._ptr, ctypes.byref(array))
             token = int(array.data[array.selected].id)
-        one = self._one
-        one.id, one.logit, one.p = token, 1.0, 0.0
-        single = llama_cpp.llama_token_data_array(data=ctypes.pointer(one), size=1, selected=-1, sorted=False)
-        llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(single))
-        if one.logit == float("-inf"):
+        if not self._allows(token):
             token = self._resample(self._logits(ctx, batch_index) if logits is None else logits)
+            if not self._allows(token):
+                # Accepting it would abort the process inside llama.cpp: fail this request instead.
+                raise ValueError("the grammar allows no token here that logit_bias leaves in")
         llama_cpp.llama_sampler_accept(self._grammar, token)
         if not self._stateless:
             llama_cpp.llama_sampler_accept(self._ptr, token)
         return token
+
+    def _allows(self, token: int) -> bool:
+        """Whether the grammar allows ``token`` next (checked alone: cheap)."""
+        one = self._one
+        one.id, one.logit, one.p = token, 1.0, 0.0
+        single = llama_cpp.llama_token_data_array(data=ctypes.pointer(one), size=1, selected=-1, sorted=False)
+        llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(single))
+        return bool(one.logit != float("-inf"))
 
     def _resample(self, logits: np.ndarray) -> int:
         """The sampled token was refused: sample again among the likeliest tokens the grammar allows.
