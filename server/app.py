@@ -14,6 +14,7 @@ from fastapi.staticfiles import StaticFiles
 
 from server import __version__
 from server.body_limit import BodyLimitMiddleware
+from server.docs import assets_dir, docs_urls, install_docs
 from server.engine.core import Engine, EngineState
 from server.errors import install_error_handlers
 from server.json_body import JsonBodyMiddleware
@@ -57,12 +58,14 @@ def create_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = N
             watcher.cancel()
             await asyncio.to_thread(engine.stop)
 
+    docs_assets = assets_dir()  # Swagger UI and ReDoc served from the package, not a CDN
     app = FastAPI(
         title="llama-inference",
         version=__version__,
         description="CPU inference for LLaMA-family GGUF models on llama.cpp, with continuous batching.",
         lifespan=lifespan,
         redirect_slashes=False,  # a redirect would be built from the client's Host header
+        **docs_urls(docs_assets),  # type: ignore[arg-type]
     )
     app.state.key_checker = key_checker
     app.state.settings = settings
@@ -83,6 +86,7 @@ def create_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = N
     app.include_router(openai.router)
     app.include_router(tokenize.router)
     app.include_router(ops.router)
+    install_docs(app, docs_assets)
     if settings.ui:
         app.include_router(ui.router)
         app.mount("/static", StaticFiles(directory=ui.STATIC_DIR), name="static")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -156,3 +157,17 @@ def test_special_tokens_can_be_allowed_by_a_setting(tmp_path: Path) -> None:
     finally:
         stop_server(server)
     assert body["usage"]["prompt_tokens"] == 1
+
+
+def test_docs_load_no_third_party_script(http: httpx.Client) -> None:
+    for path, asset in (("/docs", "/docs-assets/swagger-ui-bundle.js"), ("/redoc", "/docs-assets/redoc.standalone.js")):
+        page = http.get(path).text
+        assert asset in page and "cdn.jsdelivr.net" not in page and "fonts.googleapis.com" not in page
+        assert http.get(asset).status_code == 200
+
+
+def test_a_forged_newline_stays_inside_one_json_log_line(secured: LiveServer) -> None:
+    httpx.get(secured.url + "/nope%0a%7B%22level%22:%22info%22,%22message%22:%22forged%22%7D", timeout=10)
+    lines = [line for line in secured.log().splitlines() if "nope" in line]
+    assert len(lines) == 1
+    assert json.loads(lines[0])["path"] == '/nope\n{"level":"info","message":"forged"}'
