@@ -22,7 +22,7 @@ from server.metrics import HttpMetricsMiddleware, Metrics
 from server.model_files import resolve_model_path
 from server.request_log import RequestLogMiddleware
 from server.routes import native, openai, ops, tokenize, ui
-from server.security import BrowserGuardMiddleware, KeyChecker
+from server.security import BrowserGuardMiddleware, KeyChecker, served_hosts
 from server.serving import GenerationService
 from server.settings import Settings
 
@@ -77,7 +77,7 @@ def create_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = N
     app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     # Outside CORS and the JSON body rewrite: it sees the Host, Origin and Content-Type the client sent.
-    app.add_middleware(BrowserGuardMiddleware, allowed_hosts=settings.allowed_hosts,
+    app.add_middleware(BrowserGuardMiddleware, allowed_hosts=served_hosts(settings),
                        cors_origins=settings.cors_origins)
     app.add_middleware(RequestLogMiddleware)
     app.add_middleware(HttpMetricsMiddleware)

@@ -86,6 +86,15 @@ def host_allowed(host: str, allowed: list[str]) -> bool:
     return False
 
 
+def served_hosts(settings: Settings) -> list[str]:
+    """ALLOWED_HOSTS, plus the address the server listens on when it is a specific one (``--host 10.0.0.5``
+    is reached as ``http://10.0.0.5:8000``; an address literal is no use to DNS rebinding)."""
+    bound = settings.host.strip("[]")
+    if bound in ("", "0.0.0.0", "::"):
+        return list(settings.allowed_hosts)
+    return [*settings.allowed_hosts, f"[{bound}]" if ":" in bound else bound]
+
+
 class BrowserGuardMiddleware:
     """Refuses what a hostile web page could make a visitor's browser send:
 

@@ -473,3 +473,14 @@ def test_prompt_cache_scope_off_turns_reuse_off_and_a_tenant_header_separates() 
     tenanted = Settings(tenant_header="X-Tenant-Id")
     assert cache_scope(request({"X-Tenant-Id": "t1"}, a), tenanted) != cache_scope(
         request({"X-Tenant-Id": "t2"}, a), tenanted)
+
+
+def test_the_listening_address_is_an_allowed_host() -> None:
+    from server.security import host_allowed, served_hosts
+    from server.settings import Settings
+
+    assert host_allowed("10.0.0.5:8000", served_hosts(Settings(host="10.0.0.5")))
+    assert host_allowed("[fd00::5]:8000", served_hosts(Settings(host="fd00::5")))
+    assert not host_allowed("10.0.0.5:8000", served_hosts(Settings(host="0.0.0.0")))
+    assert host_allowed("api.example.com", served_hosts(Settings(allowed_hosts=["*.example.com"])))
+    assert not host_allowed("example.com.evil.net", served_hosts(Settings(allowed_hosts=["*.example.com"])))
