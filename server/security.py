@@ -64,8 +64,8 @@ def cache_scope(request: Request, settings: Settings) -> str | None:
     return scope
 
 
-# Liveness and readiness probes reach a pod by its IP, whatever ALLOWED_HOSTS says; they return no data.
-PROBE_PATHS = frozenset({"/health", "/ready"})
+# Probes and Prometheus reach a pod by its IP, whatever ALLOWED_HOSTS says; these routes hold no user data.
+PROBE_PATHS = frozenset({"/health", "/ready", "/metrics"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 

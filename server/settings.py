@@ -135,7 +135,7 @@ class Settings(BaseSettings):
     allowed_hosts: list[str] = Field(
         default_factory=lambda: ["localhost", "127.0.0.1", "[::1]"],
         description="Host header values accepted (a JSON list; '*' any, '*.example.com' subdomains); others get "
-        "400, which stops DNS rebinding. In a pod: the Service's names. /health and /ready accept any host.",
+        "400, which stops DNS rebinding. In a pod: the Service's names. /health, /ready and /metrics accept any host.",
     )
     prompt_cache_scope: Literal["key", "off"] = Field(
         default="key",

@@ -273,7 +273,7 @@ def test_a_foreign_host_is_refused_but_probes_answer(server: LiveServer) -> None
                      headers={"Host": "attacker.example"}, timeout=10)
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_host"
     assert httpx.get(server.url + "/v1/models", headers={"Host": "attacker.example:8000"}).status_code == 400
-    for path in ("/health", "/ready"):  # kubelet probes use the pod's IP as Host
+    for path in ("/health", "/ready", "/metrics"):  # probes and Prometheus use the pod's IP as Host
         assert httpx.get(server.url + path, headers={"Host": "10.1.2.3:8000"}).status_code == 200
     for host in ("localhost:8000", "127.0.0.1", "[::1]:8000", "LOCALHOST"):
         assert httpx.get(server.url + "/v1/models", headers={"Host": host}).status_code == 200, host
