@@ -44,7 +44,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Checkpoints by name: {bpe,spm} x {v5 (rope_parameters), v4 (top-level rope_theta)}, plus LLaMA 3 RoPE."""
+    """Checkpoints by name: {bpe,spm} x {v5 (rope_parameters), v4 (top-level rope_theta)}, plus LLaMA 3 and YaRN
+    RoPE scaling."""
     base = tmp_path_factory.mktemp("hf-made")
     bpe = bpe_tokenizer(base / "bpe-v5")
     tiny_llama(base / "bpe-v5", bpe, tied=True)
@@ -53,11 +54,15 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {"bpe-v5": base / "bpe-v5", "spm-v5": base / "spm-v5",
            "bpe-v4": to_transformers4_layout(base / "bpe-v5", base / "bpe-v4"),
            "spm-v4": to_transformers4_layout(base / "spm-v5", base / "spm-v4")}
-    shutil.copytree(base / "bpe-v5", base / "bpe-llama3", ignore=shutil.ignore_patterns("*.safetensors", "config*"))
-    tiny_llama(base / "bpe-llama3", bpe, tied=True, rope={
-        "rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
-    out["bpe-llama3"] = base / "bpe-llama3"
+    # RoPE scaling whose effect shows within the prompt: original contexts of 32 and 64 positions
+    for name, rope in [
+        ("bpe-llama3", {"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                        "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+        ("bpe-yarn", {"rope_type": "yarn", "rope_theta": 50000.0, "factor": 4.0,
+                      "original_max_position_embeddings": 64}),
+    ]:
+        shutil.copytree(base / "bpe-v5", base / name, ignore=shutil.ignore_patterns("*.safetensors", "config*"))
+        out[name] = tiny_llama(base / name, bpe, tied=True, rope=rope)
     return out
 
 
@@ -113,7 +118,7 @@ def test_tokenizes_as_the_checkpoints_tokenizer(made: dict[str, Path], converted
         llm.close()
 
 
-@pytest.mark.parametrize("name", ["bpe-v5", "bpe-v4", "spm-v5", "spm-v4", "bpe-llama3"])
+@pytest.mark.parametrize("name", ["bpe-v5", "bpe-v4", "spm-v5", "spm-v4", "bpe-llama3", "bpe-yarn"])
 def test_generates_the_same_greedy_tokens_as_transformers(made: dict[str, Path], converted: dict[str, Path],
                                                           name: str) -> None:
     tok = transformers.AutoTokenizer.from_pretrained(made[name])
