@@ -111,11 +111,15 @@ def test_alternating_conversations_each_reuse_their_own_history(server: LiveServ
     history = {name: SYSTEM for name in questions}
     previous: dict[str, dict[str, object]] = {}
     with httpx.Client(base_url=server.url, timeout=60) as client:
+        system_tokens = len(client.post("/tokenize", json={"content": SYSTEM}).json()["tokens"])
         for turn in range(3):
             for name in ("a", "b"):
                 prompt = history[name] + f"\nUser: {questions[name][turn]}\nAssistant:"
                 answer = generate(client, prompt)
                 usage = answer["usage"]
+                if turn == 0 and name == "b":
+                    # B starts in an empty slot, from a copy of the system prompt's cells in A's slot.
+                    assert usage["cached_tokens"] >= system_tokens - 1, (usage, system_tokens)
                 if turn > 0:
                     before = previous[name]["usage"]
                     # The whole previous turn (its prompt, system prompt included, and its answer) came from the

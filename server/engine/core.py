@@ -25,7 +25,7 @@ from enum import StrEnum
 
 from server.engine.llama import Batch, LlamaContext, LlamaError, LlamaModel, ModelInfo, system_info
 from server.engine.sampling import Sampler
-from server.engine.scheduling import PrefillBudget, choose_slot
+from server.engine.scheduling import COPY_MIN_TOKENS, PrefillBudget, best_donor, choose_slot
 from server.engine.text import TextStream
 from server.engine.types import (
     ErrorEvent,
@@ -358,6 +358,13 @@ class Engine:
         prompt = handle.request.prompt_tokens
         scope = handle.request.cache_scope
         slot, shared = choose_slot(free, prompt, scope, handle.request.cache_prompt)
+        if handle.request.cache_prompt and self._partial_reuse:
+            # A new conversation whose system prompt another slot holds starts from a copy of those cells.
+            donor, n = best_donor(self._slots, prompt, scope)
+            if donor is not None and donor is not slot and n >= shared + COPY_MIN_TOKENS:
+                self._ctx.seq_copy(donor.seq_id, slot.seq_id)
+                slot.tokens = list(donor.tokens)
+                shared = n
         # At least one prompt token is always decoded, to get logits for the first sample.
         keep = self._cut_back(slot, min(shared, len(prompt) - 1))
         slot.scope, slot.prompt_len = scope, len(prompt)

@@ -256,6 +256,11 @@ class LlamaContext:
         cannot remove part of a sequence (recurrent state); removing all of it always works."""
         return bool(llama_cpp.llama_memory_seq_rm(self.memory, seq_id, p0, p1))
 
+    def seq_copy(self, src: int, dst: int) -> None:
+        """Make ``dst`` a copy of all of ``src``. With one KV stream per sequence llama.cpp copies the whole
+        stream's buffers (only whole copies are supported), at the start of the next decode."""
+        llama_cpp.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+
     def seq_pos_min(self, seq_id: int) -> int:
         """The smallest position ``seq_id`` still holds (-1: none); above 0 when a sliding window dropped cells."""
         return int(llama_cpp.llama_memory_seq_pos_min(self.memory, seq_id))

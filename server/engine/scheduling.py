@@ -10,6 +10,10 @@ from typing import Protocol, TypeVar
 # With no own slot and no empty one, a slot is reused for its prefix only when the prompt keeps at least this
 # share of its cells; llama-server treats losing more than half of a slot's context as losing it.
 KEEP_SHARE = 0.5
+# A prefix held by another slot is copied into the chosen one when that saves at least this many tokens of
+# prefill: the copy moves the whole KV stream of a slot (a few tens of ms on a 7B), so short prefixes are
+# cheaper to compute.
+COPY_MIN_TOKENS = 32
 
 
 class CachedSlot(Protocol):
@@ -63,6 +67,18 @@ def choose_slot(free: Sequence[S], prompt: Sequence[int], scope: str, reuse: boo
         return best(similar)
     slot = min(free, key=lambda s: s.last_used)
     return slot, shared[id(slot)]
+
+
+def best_donor(slots: Sequence[S], prompt: Sequence[int], scope: str) -> tuple[S | None, int]:
+    """The slot, busy or not, whose cells share the longest prefix with ``prompt`` (same scope only)."""
+    best: S | None = None
+    n_best = 0
+    for s in slots:
+        if s.scope == scope and s.tokens:
+            n = common_prefix(s.tokens, prompt)
+            if n > n_best:
+                best, n_best = s, n
+    return best, n_best
 
 
 @dataclass
