@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -45,7 +46,14 @@ from server.openai_protocol import (
 )
 from server.serving import GenerationService
 from server.sse import TokenEventSourceResponse
-from server.tools import call_grammar, looks_like_call, parse_calls, template_messages, template_tools
+from server.tools import (
+    call_grammar,
+    looks_like_call,
+    new_call_id,
+    parse_calls,
+    template_messages,
+    template_tools,
+)
 
 CLIENT_CLOSED = 499  # the client went away; only logged
 
@@ -319,10 +327,49 @@ async def serve_chat(service: GenerationService, body: ChatCompletionRequest, ht
                           usage=_usage([final for final, _ in results]))
 
 
+_CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"]*)"\s*,\s*"arguments"\s*:\s*')
+
+
+class _ArgumentsScanner:
+    """Follows a required call as the grammar makes the model write it, ``{"name": "f", "arguments": {...}}``,
+    and hands out its name once known and the arguments' text as it arrives, as OpenAI streams a call."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.name: str | None = None
+        self.done = False  # the arguments object is closed
+        self._pos = 0
+        self._depth = 0
+        self._in_string = self._escape = False
+
+    def push(self, text: str) -> str:
+        """Add generated text; returns the arguments' text it completes (empty before the name is known)."""
+        self.text += text
+        if self.name is None:
+            head = _CALL_HEAD.match(self.text)
+            if head is None:
+                return ""
+            self.name, self._pos = head.group(1), head.end()
+        start = self._pos
+        while self._pos < len(self.text) and not self.done:
+            c = self.text[self._pos]
+            self._pos += 1
+            if self._in_string:
+                self._escape, self._in_string = (False, True) if self._escape else (c == "\\", c != '"')
+            elif c == '"':
+                self._in_string = True
+            elif c in "{[":
+                self._depth += 1
+            elif c in "}]":
+                self._depth -= 1
+                self.done = self._depth == 0
+        return self.text[start:self._pos]
+
+
 class _ChatStream:
-    """One choice of OpenAI's chat stream: a role chunk, content chunks (or, for a tool call, the call held back
-    until it is whole and then sent as OpenAI sends one: id and name first, then the arguments), a finish
-    chunk."""
+    """One choice of OpenAI's chat stream: a role chunk; content chunks, or a tool call as OpenAI streams one (a
+    chunk with its id and name, then its arguments in pieces); a finish chunk. A required call streams as it is
+    generated; with ``auto`` an answer that may be a call is held back until it is whole."""
 
     def __init__(self, service: GenerationService, handle: RequestHandle, index: int, body: ChatCompletionRequest,
                  plan: _ChatPlan, created: int, logprobs: Logprobs | None) -> None:
@@ -355,8 +402,11 @@ class _ChatStream:
     async def events(self, fields: dict[str, object], finals: list[FinalEvent]) -> AsyncIterator[ServerSentEvent]:
         """The choice's chunks; its final event goes to ``finals``."""
         yield self._chunk(ChatDelta(role="assistant", content=""))
-        # With tools, an answer that may be a call is held back until it is whole.
-        holding: bool | None = True if self.plan.forced else (None if self.plan.parse_tools else False)
+        if self.plan.forced:
+            async for sse in self._forced_call(fields, finals):
+                yield sse
+            return
+        holding: bool | None = None if self.plan.parse_tools else False
         held = ""
         async for event in self.service.stream(self.handle, fields):
             if isinstance(event, TokenEvent):
@@ -384,3 +434,39 @@ class _ChatStream:
                 yield self._chunk(ChatDelta(), finish)
             else:
                 yield _error_event(event)
+
+    async def _forced_call(self, fields: dict[str, object], finals: list[FinalEvent]
+                           ) -> AsyncIterator[ServerSentEvent]:
+        scanner = _ArgumentsScanner()
+        call_id = new_call_id()
+
+        def piece(arguments: str, first: bool = False) -> ServerSentEvent:
+            delta = ToolCallDelta(index=0, function=FunctionCallDelta(arguments=arguments))
+            if first:
+                delta = ToolCallDelta(index=0, id=call_id, type="function",
+                                      function=FunctionCallDelta(name=scanner.name, arguments=arguments))
+            return self._chunk(ChatDelta(tool_calls=[delta]))
+
+        async for event in self.service.stream(self.handle, fields):
+            if isinstance(event, TokenEvent):
+                if event.logprob is not None:
+                    self.pending.append(event)
+                if not event.text:
+                    continue
+                known = scanner.name is not None
+                arguments = scanner.push(event.text)
+                if scanner.name is not None and not known:
+                    yield piece(arguments, first=True)
+                elif arguments:
+                    yield piece(arguments)
+            elif isinstance(event, FinalEvent):
+                finals.append(event)
+                if scanner.name is None:  # cut before the call began: what there is, as text
+                    if scanner.text:
+                        yield self._chunk(ChatDelta(content=scanner.text))
+                    yield self._chunk(ChatDelta(), _finish(event))
+                else:
+                    yield self._chunk(ChatDelta(), "tool_calls" if scanner.done else _finish(event))
+            else:
+                yield _error_event(event)
+

@@ -86,6 +86,7 @@ def test_streamed_required_tool_call(client: openai.OpenAI) -> None:
         stream=True))
     assert chunks[0].choices[0].delta.role == "assistant"
     calls: dict[int, dict[str, str]] = {}
+    pieces = 0
     for chunk in chunks:
         for delta in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
             entry = calls.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
@@ -93,6 +94,8 @@ def test_streamed_required_tool_call(client: openai.OpenAI) -> None:
             if delta.function is not None:
                 entry["name"] += delta.function.name or ""
                 entry["arguments"] += delta.function.arguments or ""
+                pieces += bool(delta.function.arguments)
+    assert pieces >= 3  # the arguments arrive as they are generated, not in one piece at the end
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
     assert list(calls) == [0] and calls[0]["id"].startswith("call_")
     jsonschema.validate(json.loads(calls[0]["arguments"]), SCHEMAS[calls[0]["name"]])
