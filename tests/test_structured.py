@@ -175,6 +175,14 @@ def test_top_k_and_min_p_are_applied(client: openai.OpenAI) -> None:
     assert loose.choices[0].text != greedy
 
 
+def test_seed_is_applied(client: openai.OpenAI) -> None:
+    def sample(seed: int) -> str:
+        return client.completions.create(model=MODEL, prompt="My favourite word is", max_tokens=12,
+                                         temperature=1.5, seed=seed).choices[0].text
+    assert sample(21) == sample(21)
+    assert len({sample(21), sample(22), sample(23)}) > 1
+
+
 def test_repetition_penalty_is_applied(client: openai.OpenAI) -> None:
     prompt = "one two one two one two one two"
     plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0).choices[0].text
