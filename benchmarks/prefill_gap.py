@@ -1,0 +1,111 @@
+"""How long a running stream stalls while a long prompt arrives beside it, for several PREFILL_BUDGET values.
+
+    .venv/bin/python -m benchmarks.prefill_gap                      # embedded model, budgets 0 (measured) and 512
+    .venv/bin/python -m benchmarks.prefill_gap --model-path M.gguf --prompt-words 750 --threads 2
+
+One server per budget, all up for the whole run; rounds alternate between them. Each round streams a greedy
+request, and once it runs steadily sends a long prompt (``max_length`` 1, no prompt cache) on a second
+connection. Reported per budget (medians over rounds): the stream's steady inter-token gap before the prompt
+arrived, its worst gap while the prompt was prefilled, their ratio, and the long prompt's time to first token.
+Token times are taken at the client as the events arrive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+
+import httpx
+
+from benchmarks.common import free_port, our_server_cmd, running
+
+STEADY_TOKENS = 40
+
+
+def one_round(url: str, long_prompt: str) -> dict[str, float]:
+    times: list[float] = []
+    steady = threading.Event()
+    stop = threading.Event()
+
+    def stream() -> None:
+        body = {"prompt": "Once upon a time", "max_length": 1500, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        with httpx.Client(base_url=url, timeout=600) as client, client.stream("POST", "/generate", json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:") and '"token"' in line:
+                    times.append(time.perf_counter())
+                    if len(times) == STEADY_TOKENS:
+                        steady.set()
+                if stop.is_set():
+                    break
+        steady.set()
+
+    runner = threading.Thread(target=stream)
+    runner.start()
+    steady.wait(600)
+    t0 = time.perf_counter()
+    with httpx.Client(base_url=url, timeout=600) as client:
+        answer = client.post("/generate", json={"prompt": long_prompt, "max_length": 1, "temperature": 0,
+                                                "cache_prompt": False}).json()
+    t1 = time.perf_counter()
+    time.sleep(0.2)
+    stop.set()
+    runner.join(600)
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    before = [b - a for a, b in zip(times, times[1:], strict=False) if b <= t0][5:]
+    # Gaps that overlap the prefill (the one that spans its end included).
+    during = [b - a for a, b in zip(times, times[1:], strict=False) if b > t0 and a < t1]
+    steady_gap = statistics.median(before)
+    worst = max(during) if during else max(gaps)
+    return {"prompt_tokens": answer["usage"]["prompt_tokens"], "steady_ms": steady_gap * 1000,
+            "worst_ms": worst * 1000, "ratio": worst / steady_gap, "ttft_s": t1 - t0,
+            "tokens_during": len(during)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budgets", default="0,512", help="PREFILL_BUDGET values (0: measured)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prompt-words", type=int, default=750, help="about 1,000 tokens")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument("--model-path", default=None)
+    args = parser.parse_args()
+    words = "the keeper climbed the stairs of the old lighthouse every evening at dusk and lit the lamp".split()
+    long_prompt = " ".join(words[i % len(words)] for i in range(args.prompt_words))
+    budgets = [int(b) for b in args.budgets.split(",")]
+    extra = ["--n-threads", str(args.threads), "--parallel", str(args.parallel)]
+    if args.model_path:
+        extra += ["--model-path", args.model_path]
+    ports = {b: free_port() for b in budgets}
+    results: dict[int, list[dict[str, float]]] = {b: [] for b in budgets}
+    servers = [running(our_server_cmd(ports[b], *extra, "--prefill-budget", str(b)),
+                       f"http://127.0.0.1:{ports[b]}/ready", timeout=600) for b in budgets]
+    for server in servers:
+        server.__enter__()
+    try:
+        for _ in range(args.rounds):
+            for b in budgets:
+                results[b].append(one_round(f"http://127.0.0.1:{ports[b]}", long_prompt))
+    finally:
+        for server in servers:
+            server.__exit__(None, None, None)
+    print("| PREFILL_BUDGET | prompt tokens | steady gap ms | worst gap ms | worst / steady | tokens during prefill "
+          "| long prompt TTFT s |")
+    print("|---|---|---|---|---|---|---|")
+    for b in budgets:
+        rows = results[b]
+
+        def med(key: str, rows: list[dict[str, float]] = rows) -> float:
+            return statistics.median(r[key] for r in rows)
+
+        print(f"| {b or 'measured (0)'} | {int(med('prompt_tokens'))} | {med('steady_ms'):.1f} | "
+              f"{med('worst_ms'):.1f} | {med('ratio'):.2f} | {int(med('tokens_during'))} | {med('ttft_s'):.2f} |")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
