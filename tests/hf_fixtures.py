@@ -211,19 +211,20 @@ def spm_tokenizer(out: Path, vocab_size: int = 400) -> Any:
     return tok
 
 
-def tiny_llama(out: Path, tokenizer: Any, *, tied: bool, rope: dict[str, Any] | None = None, seed: int = 0) -> Path:
+def tiny_llama(out: Path, tokenizer: Any, *, tied: bool, rope: dict[str, Any] | None = None, seed: int = 0,
+               **overrides: Any) -> Path:
     """A random 2-layer LlamaForCausalLM (hidden 64, 4 heads, 2 KV heads) saved by ``save_pretrained``
-    (transformers 5: RoPE in ``rope_parameters``) next to ``tokenizer``'s files."""
+    (transformers 5: RoPE in ``rope_parameters``) next to ``tokenizer``'s files; ``overrides``: LlamaConfig's."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
-        rope_parameters=rope or {"rope_type": "default", "rope_theta": 100000.0},
-        tie_word_embeddings=tied, initializer_range=0.1,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
+    config = LlamaConfig(**{
+        "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
+        "rope_parameters": rope or {"rope_type": "default", "rope_theta": 100000.0},
+        "tie_word_embeddings": tied, "initializer_range": 0.1,
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, **overrides,
+    })
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(out)

@@ -45,7 +45,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Checkpoints by name: {bpe,spm} x {v5 (rope_parameters), v4 (top-level rope_theta)}, plus LLaMA 3 and YaRN
-    RoPE scaling."""
+    RoPE scaling, and an explicit head_dim."""
     base = tmp_path_factory.mktemp("hf-made")
     bpe = bpe_tokenizer(base / "bpe-v5")
     tiny_llama(base / "bpe-v5", bpe, tied=True)
@@ -63,13 +63,19 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ]:
         shutil.copytree(base / "bpe-v5", base / name, ignore=shutil.ignore_patterns("*.safetensors", "config*"))
         out[name] = tiny_llama(base / name, bpe, tied=True, rope=rope)
+    # head_dim wider than hidden / heads, another epsilon, untied: converted to F16
+    shutil.copytree(base / "bpe-v5", base / "bpe-headdim-f16",
+                    ignore=shutil.ignore_patterns("*.safetensors", "config*"))
+    out["bpe-headdim-f16"] = tiny_llama(base / "bpe-headdim-f16", bpe, tied=False, seed=1, head_dim=32,
+                                        rms_norm_eps=1e-6)
     return out
 
 
 @pytest.fixture(scope="module")
 def converted(made: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out_dir = tmp_path_factory.mktemp("hf-made-gguf")
-    return {name: convert(d, out_dir / f"{name}.gguf", outtype="f32") for name, d in made.items()}
+    return {name: convert(d, out_dir / f"{name}.gguf", outtype="f16" if name.endswith("f16") else "f32")
+            for name, d in made.items()}
 
 
 def hf_greedy(d: Path, ids: list[int], n: int) -> list[int]:
@@ -118,7 +124,8 @@ def test_tokenizes_as_the_checkpoints_tokenizer(made: dict[str, Path], converted
         llm.close()
 
 
-@pytest.mark.parametrize("name", ["bpe-v5", "bpe-v4", "spm-v5", "spm-v4", "bpe-llama3", "bpe-yarn"])
+@pytest.mark.parametrize("name", ["bpe-v5", "bpe-v4", "spm-v5", "spm-v4", "bpe-llama3", "bpe-yarn",
+                                  "bpe-headdim-f16"])
 def test_generates_the_same_greedy_tokens_as_transformers(made: dict[str, Path], converted: dict[str, Path],
                                                           name: str) -> None:
     tok = transformers.AutoTokenizer.from_pretrained(made[name])
@@ -247,3 +254,37 @@ def test_progress_in_a_log_is_a_few_lines(made: dict[str, Path], tmp_path: Path)
     assert [line.split(" (")[0] for line in lines] == ["convert: 25%", "convert: 50%", "convert: 75%",
                                                        "convert: 100%"], proc.stderr
     assert "\r" not in proc.stderr
+
+
+def test_bos_and_eos_come_from_generation_config_when_nothing_else_names_them(made: dict[str, Path],
+                                                                              tmp_path: Path) -> None:
+    d = shutil.copytree(made["bpe-v5"], tmp_path / "ckpt")
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({k: v for k, v in config.items() if not k.endswith("_token_id")}))
+    tok_config = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in tok_config.items()
+                                                         if k not in ("bos_token", "eos_token")}))
+    (d / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, 0]}))
+    llm = Llama(str(convert(d, tmp_path / "m.gguf", outtype="f32")), vocab_only=True, verbose=False)
+    try:
+        assert (llm.token_bos(), llm.token_eos()) == (1, 2)  # LLaMA 3 lists several EOS ids: the first is EOS
+    finally:
+        llm.close()
+
+
+def test_progress_on_a_terminal_is_a_live_bar() -> None:
+    import io
+
+    from convert.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term, log = Terminal(), io.StringIO()
+    for stream in (term, log):
+        with Progress(stream).task("convert", 1000) as advance:
+            for _ in range(100):
+                advance(10, "blk.0.attn_q.weight")
+    assert "\r" in term.getvalue() and "100%" in term.getvalue()
+    assert log.getvalue().count("\n") == 4 and "\r" not in log.getvalue()
