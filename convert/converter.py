@@ -21,7 +21,7 @@ from convert.errors import PipelineError
 from convert.pretok import choose_pre
 from convert.progress import Progress
 from convert.safetensors_io import Checkpoint, TensorRef
-from convert.tokcheck import Reference, first_difference, load_reference
+from convert.tokcheck import Reference, first_difference, llama_vocab, load_reference
 from convert.vocab import VocabData, add_vocab, load_vocab
 
 log = logging.getLogger(__name__)
@@ -150,9 +150,10 @@ def _add_metadata(writer: gguf.GGUFWriter, hooks: ModelHooks, hf_dir: Path, voca
 
 
 def _vocab_mismatch(
-    hooks: ModelHooks, hf_dir: Path, vocab: VocabData, reference: Reference, workdir: Path
+    hooks: ModelHooks, hf_dir: Path, vocab: VocabData, reference: Reference, workdir: Path, compare: bool = True
 ) -> str | None:
-    """Where llama.cpp, given a GGUF with ``vocab`` and no weights, first tokenizes unlike ``reference``."""
+    """Where llama.cpp, given a GGUF with ``vocab`` and no weights, first tokenizes unlike ``reference``
+    (``compare`` False: only that llama.cpp loads it, e.g. knows the pre-tokenizer's name)."""
     fd, name = tempfile.mkstemp(prefix=".vocab.", suffix=".gguf.part", dir=workdir)
     os.close(fd)
     path = Path(name)
@@ -163,6 +164,9 @@ def _vocab_mismatch(
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         writer.close()
+        if not compare:
+            with llama_vocab(path):
+                return None
         return first_difference(path, reference, markers_in_text=vocab.model == "gpt2")
     finally:
         path.unlink(missing_ok=True)
@@ -191,8 +195,8 @@ def convert(
     if vocab.pre is None:
         vocab.pre = choose_pre(vocab.pre_guess, lambda name: _vocab_mismatch(
             hooks, hf_dir, replace(vocab, pre=name), reference, out.parent))
-    elif verify:  # fail before the long part, not after it
-        _refuse_mismatch(_vocab_mismatch(hooks, hf_dir, vocab, reference, out.parent), vocab)
+    else:  # fail before the long part, not after it; even unverified, a file llama.cpp cannot load is refused
+        _refuse_mismatch(_vocab_mismatch(hooks, hf_dir, vocab, reference, out.parent, compare=verify), vocab)
 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
     os.close(fd)

@@ -8,6 +8,7 @@ of a second and no memory to speak of, whatever the size of the weights.
 
 from __future__ import annotations
 
+import ctypes
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -105,17 +106,34 @@ def load_reference(directory: Path) -> Reference:
     raise PipelineError(f"no tokenizer in {directory}: expected tokenizer.model or tokenizer.json")
 
 
+class _ErrorCapture:
+    """llama.cpp's error lines while it loads a file, to put its reason in our one-line message."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.callback = llama_cpp.llama_log_callback(self._on_log)  # kept referenced while installed
+
+    def _on_log(self, level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+        if level == 4:  # GGML_LOG_LEVEL_ERROR
+            self.errors.append(text.decode("utf-8", "replace").strip())
+
+
 class LlamaVocab:
     """A GGUF file's vocabulary as llama.cpp loads it (no weights)."""
 
     def __init__(self, path: Path) -> None:
-        route_native_logs()
         llama_cpp.llama_backend_init()
         params = llama_cpp.llama_model_default_params()
         params.vocab_only = True
-        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        capture = _ErrorCapture()
+        llama_cpp.llama_log_set(capture.callback, ctypes.c_void_p(0))
+        try:
+            model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        finally:
+            route_native_logs()
         if not model:
-            raise PipelineError(f"llama.cpp cannot load the vocabulary of {path.name}")
+            reason = capture.errors[0].rsplit("error loading model: ", 1)[-1] if capture.errors else "no reason given"
+            raise PipelineError(f"llama.cpp cannot load the vocabulary: {reason}")
         self._model: llama_cpp.llama_model_p | None = model
         self._vocab = llama_cpp.llama_model_get_vocab(model)
 

@@ -246,6 +246,15 @@ def test_a_tokenizer_mismatch_found_by_verify_leaves_no_file(made: dict[str, Pat
     assert proc.returncode == 0 and out.exists(), proc.stderr
 
 
+@pytest.mark.parametrize("verify", [[], ["--no-verify"]])
+def test_a_pre_tokenizer_name_llama_cpp_does_not_know_is_refused(made: dict[str, Path], tmp_path: Path,
+                                                                 verify: list[str]) -> None:
+    (tmp_path / "out").mkdir()
+    proc = run_cli("convert", str(made["bpe-v5"]), "--out", str(tmp_path / "out" / "m.gguf"), "--vocab-pre", "gpt2",
+                   *verify)  # the name the converter wrote; llama.cpp's is gpt-2
+    _refused(proc, tmp_path / "out", "unknown pre-tokenizer type: 'gpt2'")
+
+
 def test_progress_in_a_log_is_a_few_lines(made: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "m.gguf"
     proc = run_cli("convert", str(made["spm-v5"]), "--out", str(out))  # stderr is a pipe, not a terminal
