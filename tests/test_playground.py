@@ -88,8 +88,8 @@ def test_completion_streams_token_by_token_and_matches_the_api(ui_server: LiveSe
         time.sleep(0.01)
     shown = answer()[-1].text
     assert len(lengths) >= 3  # it grew in steps: streamed, not shown all at once
-    expected = httpx.post(ui_server.url + "/generate", json={"prompt": "Once upon a time", "max_length": 40,
-                                                              "temperature": 0, "top_p": 0.95}).json()["text"]
+    expected = httpx.post(ui_server.url + "/generate", timeout=60, json={
+        "prompt": "Once upon a time", "max_length": 40, "temperature": 0, "top_p": 0.95}).json()["text"]
     assert shown == expected.strip() or shown == expected
     stats = browser.find_element(By.ID, "stats").text
     assert "TTFT" in stats and "40 tokens" in stats
@@ -141,6 +141,65 @@ def test_api_key_is_asked_for_and_sent(tmp_path: Path, browser) -> None:  # type
         assert browser.execute_script("return window.localStorage.length + window.sessionStorage.length") == 0
     finally:
         stop_server(server)
+
+
+def test_enter_sends_shift_enter_breaks_the_line_and_the_system_prompt_is_used(ui_server: LiveServer,
+                                                                                browser) -> None:  # type: ignore[no-untyped-def]
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    browser.get(ui_server.url + "/")
+    wait_for(lambda: "context" in browser.find_element(By.ID, "model").text)
+    temperature = browser.find_element(By.ID, "temperature")
+    temperature.clear()
+    temperature.send_keys("0")
+    prompt = browser.find_element(By.ID, "prompt")
+    prompt.send_keys("What is")
+    ActionChains(browser).key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform()
+    assert prompt.get_attribute("value") == "What is\n"  # a new line, nothing sent
+    assert not browser.find_elements(By.CSS_SELECTOR, ".msg")
+    prompt.clear()
+    # Without a system prompt this small model, greedy, rambles about Paris' monuments; with one it answers.
+    browser.find_element(By.ID, "system").send_keys("You are a helpful assistant.")
+    prompt.send_keys("What is the capital of France?" + Keys.ENTER)
+    answer = wait_for(lambda: [e for e in browser.find_elements(By.CSS_SELECTOR, ".msg.assistant .text")
+                               if e.get_attribute("data-done")])
+    assert answer[-1].text == "The capital of France is Paris."
+    assert browser.find_element(By.CSS_SELECTOR, ".msg.user .text").text == "What is the capital of France?"
+    # The system prompt is for chat; completion mode hides it.
+    browser.find_element(By.CSS_SELECTOR, "input[value=completion]").click()
+    assert not browser.find_element(By.ID, "system").is_displayed()
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_layout_holds_at_laptop_and_phone_width(ui_server: LiveServer, browser, width: int) -> None:  # type: ignore[no-untyped-def]
+    from selenium.webdriver.common.by import By
+
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                            {"width": width, "height": 844 if width < 600 else 800, "deviceScaleFactor": 1,
+                             "mobile": width < 600})
+    browser.get(ui_server.url + "/")
+    wait_for(lambda: "context" in browser.find_element(By.ID, "model").text)
+    browser.find_element(By.ID, "prompt").send_keys("Hello there")
+    # Nothing sticks out sideways, and every control and button is inside the page.
+    assert browser.execute_script("return document.documentElement.scrollWidth") <= width
+    for element in browser.find_elements(By.CSS_SELECTOR, ".controls label, textarea, button"):
+        if element.is_displayed():
+            rect = element.rect
+            assert rect["x"] >= 0 and rect["x"] + rect["width"] <= width, (element.text, rect)
+    tops = {round(e.rect["y"]) for e in browser.find_elements(By.CSS_SELECTOR, ".controls > label:not(.wide)")
+            if e.is_displayed()}
+    if width == 1280:
+        assert len(tops) == 1  # the sampling controls hold on one row
+    ARTEFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTEFACTS / f"playground-{width}.png"))
+
+
+def test_favicon_is_served(ui_server: LiveServer) -> None:
+    resp = httpx.get(ui_server.url + "/favicon.ico")
+    assert resp.status_code == 200 and resp.headers["content-type"] == "image/svg+xml"
+    assert resp.text.startswith("<svg") and 'rel="icon"' in httpx.get(ui_server.url + "/").text
 
 
 def test_the_playground_can_be_turned_off(tmp_path: Path) -> None:

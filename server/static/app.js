@@ -69,8 +69,10 @@ function request(mode, prompt) {
   if ($("seed").value !== "") common.seed = Number($("seed").value);
   const maxTokens = Number($("max_tokens").value);
   if (mode === "chat") {
+    const system = $("system").value.trim();
     return ["/v1/chat/completions", { ...common, model: state.model, max_tokens: maxTokens,
-      messages: [...state.history, { role: "user", content: prompt }] }];
+      messages: [...(system ? [{ role: "system", content: system }] : []), ...state.history,
+        { role: "user", content: prompt }] }];
   }
   return ["/generate", { ...common, prompt, max_length: maxTokens }];
 }
@@ -138,6 +140,19 @@ async function send(event) {
 }
 
 $("form").addEventListener("submit", send);
+// Enter sends, Shift+Enter starts a new line (as in chat apps); not while an input method composes a character.
+$("prompt").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    if (!$("send").disabled) $("form").requestSubmit();
+  }
+});
+// The system prompt applies to chat only.
+const syncMode = () => {
+  $("system_row").hidden = document.querySelector("input[name=mode]:checked").value !== "chat";
+};
+document.querySelectorAll("input[name=mode]").forEach((radio) => radio.addEventListener("change", syncMode));
+syncMode();
 $("stop").addEventListener("click", () => state.controller && state.controller.abort());
 $("clear").addEventListener("click", () => { state.history = []; $("transcript").textContent = ""; show(""); });
 loadInfo();
