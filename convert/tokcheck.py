@@ -185,9 +185,9 @@ def first_difference(gguf_path: Path, reference: Reference, markers_in_text: boo
                     continue
                 i = next((k for k, (a, b) in enumerate(zip(got, want, strict=False)) if a != b),
                          min(len(got), len(want)))
-                done = len(reference.decode(want[:i]))
-                near = text[max(0, done - 8): done + 16]
+                done = min(len(reference.decode(want[:i])), len(text))  # characters before the difference
                 what = "with BOS/EOS added" if add_special else "of plain text"
-                return (f"token ids {what} first differ at position {i}, near {near!r}: llama.cpp gives "
-                        f"{got[i:i + 4]}, {reference.source} gives {want[i:i + 4]}")
+                return (f"token ids {what} first differ at token {i}, after {text[max(0, done - 12):done]!r} "
+                        f"at {text[done:done + 12]!r}: llama.cpp gives {got[i:i + 4]}, {reference.source} gives "
+                        f"{want[i:i + 4]}")
     return None

@@ -240,7 +240,7 @@ def test_a_tokenizer_mismatch_found_by_verify_leaves_no_file(made: dict[str, Pat
     (tmp_path / "out").mkdir()
     out = tmp_path / "out" / "m.gguf"
     proc = run_cli("convert", str(made["bpe-v5"]), "--out", str(out), "--vocab-pre", "llama-bpe")
-    _refused(proc, tmp_path / "out", "first differ at position")
+    _refused(proc, tmp_path / "out", "first differ at token")
     proc = run_cli("convert", str(made["bpe-v5"]), "--out", str(out), "--vocab-pre", "llama-bpe", "--no-verify",
                    "--quiet")
     assert proc.returncode == 0 and out.exists(), proc.stderr
