@@ -27,6 +27,8 @@ ALLOW_PATTERNS = [
     "tokenizer_config.json",
     "special_tokens_map.json",
     "added_tokens.json",
+    "chat_template.jinja",  # transformers 5 keeps the chat template here, not in tokenizer_config.json
+    "chat_template.json",
 ]
 
 

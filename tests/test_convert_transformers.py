@@ -25,7 +25,13 @@ from llama_cpp import Llama  # noqa: E402
 from convert.converter import convert  # noqa: E402
 from convert.rope import read_rope  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
-from tests.hf_fixtures import bpe_tokenizer, spm_tokenizer, tiny_llama, to_transformers4_layout  # noqa: E402
+from tests.hf_fixtures import (  # noqa: E402
+    CHAT_TEMPLATE,
+    bpe_tokenizer,
+    spm_tokenizer,
+    tiny_llama,
+    to_transformers4_layout,
+)
 
 TEXTS = [
     "The keeper of the light said: it's 2024, and the storm lasted 12345 nights!",
@@ -119,6 +125,8 @@ def test_tokenizes_as_the_checkpoints_tokenizer(made: dict[str, Path], converted
             want = tok(text)["input_ids"]
             assert llm.tokenize(text.encode(), add_bos=True, special=True) == want, text
         assert llm.metadata["tokenizer.ggml.pre"] == ("gpt-2" if name.startswith("bpe") else "default")
+        if name.startswith("bpe"):  # transformers 5 saved it as chat_template.jinja
+            assert llm.metadata["tokenizer.chat_template"] == CHAT_TEMPLATE
         assert llm.token_bos() == tok.bos_token_id and llm.token_eos() == tok.eos_token_id
     finally:
         llm.close()

@@ -20,6 +20,7 @@ def hub(tmp_path: Path) -> Iterator[Hub]:
     repo.mkdir()
     (repo / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
     (repo / "tokenizer.json").write_text('{"model": {}}')
+    (repo / "chat_template.jinja").write_text("{{ messages }}")  # where transformers 5 saves the template
     (repo / "model.safetensors").write_bytes(os.urandom(300_000))
     (repo / "pytorch_model.bin").write_bytes(b"not wanted")
     (repo / "README.md").write_text("not wanted either")
@@ -45,8 +46,8 @@ def test_fetch_downloads_only_what_conversion_needs_at_the_pinned_revision(hub: 
     out = tmp_path / "model"
     proc = fetch(hub, tmp_path, "org/open", "--revision", sha, "--out", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["config.json", "model.safetensors",
-                                                                    "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["chat_template.jinja", "config.json",
+                                                                    "model.safetensors", "tokenizer.json"]
     assert (out / "model.safetensors").read_bytes() == hub.repos["org/open"].files["model.safetensors"]
     assert any(path.endswith(f"/resolve/{sha}/model.safetensors") for _, path, _ in hub.requests)
 
