@@ -156,7 +156,7 @@ def bpe_tokenizer(out: Path, pre: str = "gpt-2", vocab_size: int = 700) -> Any:
     ``pre``: "gpt-2" (GPT-2's expression inside ByteLevel), "gpt-2 as a split" (the same expression in a Split
     step), "llama-bpe" (LLaMA 3's Split, then ByteLevel) or "whitespace" (a split on whitespace only, which no
     llama.cpp pre-tokenizer reproduces)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -182,6 +182,13 @@ def bpe_tokenizer(out: Path, pre: str = "gpt-2", vocab_size: int = 700) -> Any:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS * 4, trainer)
+    if pre == "llama-bpe":  # as LLaMA 3's tokenizer.json: BOS put before every text by the post-processor
+        bos = "<|im_start|>"
+        tok.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                          special_tokens=[(bos, tok.token_to_id(bos))]),
+        ])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                    unk_token="<|endoftext|>", pad_token="<|endoftext|>")
     fast.chat_template = CHAT_TEMPLATE

@@ -168,6 +168,7 @@ def test_the_pre_tokenizer_is_chosen_by_behaviour(made: dict[str, Path], tmp_pat
         assert llm.metadata["tokenizer.ggml.pre"] == name
         for text in TEXTS:
             assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok(text)["input_ids"], text
+        assert (tok("a")["input_ids"][0] == tok.bos_token_id) == (pre == "llama-bpe")  # that one adds BOS
     finally:
         llm.close()
 
