@@ -1,9 +1,9 @@
 """Serving the OpenAI routes: requests into engine requests (grammar, tools, logprobs, ``n`` choices), and engine
 events into OpenAI's answers and streams.
 
-``n`` > 1 submits the prompt ``n`` times, one slot each, decoded together in the same batches; each choice
-computes the prompt again (slots share KV cells only with their own earlier requests). With a ``seed``, choice
-``i`` samples with ``seed + i``, so the choices differ and stay repeatable.
+``n`` > 1 runs the choices in ``n`` slots, decoded together in the same batches; the prompt is computed once and
+copied (see :class:`_Choices`). With a ``seed``, choice ``i`` samples with ``seed + i``, so the choices differ
+and stay repeatable.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from sse_starlette import ServerSentEvent
 
 from server.engine.llama import LlamaModel
 from server.engine.sampling import SamplingParams
-from server.engine.types import FinalEvent, FinishReason, RequestHandle, TokenEvent
-from server.errors import ErrorDetail, ErrorResponse, bad_request, unavailable
+from server.engine.scheduling import COPY_MIN_TOKENS
+from server.engine.types import FinalEvent, FinishReason, GenerationRequest, RequestHandle, TokenEvent
+from server.errors import APIError, ErrorDetail, ErrorResponse, bad_request, unavailable
 from server.grammar import SchemaError
 from server.openai_protocol import (
     AssistantMessage,
@@ -110,9 +111,47 @@ class Logprobs:
         return out
 
 
+class _Choices:
+    """The ``n`` engine requests of one OpenAI request.
+
+    With a prompt long enough for the engine to copy its cells from another slot (``COPY_MIN_TOKENS``), choice 0
+    goes first and the others when its prompt is computed (its first event): the engine then starts them from a
+    copy of choice 0's cells instead of computing the prompt ``n`` times.
+    """
+
+    def __init__(self, service: GenerationService, requests: list[GenerationRequest]) -> None:
+        self.service = service
+        self.requests = requests
+        self.handles: list[RequestHandle] = []
+        self.first_ready = asyncio.Event()
+        first = requests[0]
+        self.staggered = len(requests) > 1 and first.cache_prompt and len(first.prompt_tokens) >= COPY_MIN_TOKENS
+        self._submit(requests[:1] if self.staggered else requests)
+
+    def submit_rest(self) -> list[RequestHandle]:
+        """Submit the choices after the first (staggered only); returns their handles."""
+        if not self.staggered or len(self.handles) > 1:
+            return []
+        return self._submit(self.requests[1:])
+
+    def _submit(self, requests: list[GenerationRequest]) -> list[RequestHandle]:
+        start = len(self.handles)
+        try:
+            for request in requests:
+                self.handles.append(self.service.submit(request))
+        except Exception:
+            self.cancel()
+            raise
+        return self.handles[start:]
+
+    def cancel(self) -> None:
+        for handle in self.handles:
+            handle.cancel()
+
+
 async def _submit(service: GenerationService, body: SamplingFields, prompt: str | list[int], max_tokens: int | None,
                   sampling: SamplingParams, prefix: str, http_request: Request, logged_prompt: object,
-                  grammar_param: str, options: dict[str, Any]) -> tuple[list[RequestHandle], dict[str, object]]:
+                  grammar_param: str, options: dict[str, Any]) -> tuple[_Choices, dict[str, object]]:
     request_id = service.new_id(prefix)
     first = await service.build(prompt, max_tokens=max_tokens, sampling=sampling, stop=body.stop_strings(),
                                 request_id=request_id, max_tokens_param="max_tokens", grammar_param=grammar_param,
@@ -125,33 +164,42 @@ async def _submit(service: GenerationService, body: SamplingFields, prompt: str 
     if body.n > 1:
         fields["n"] = body.n
     http_request.state.generation = fields
-    handles: list[RequestHandle] = []
-    try:
-        for request in requests:
-            handles.append(service.submit(request))
-    except Exception:
-        for handle in handles:
-            handle.cancel()
-        raise
-    return handles, fields
+    return _Choices(service, requests), fields
 
 
-async def _collect(service: GenerationService, handles: list[RequestHandle], http_request: Request,
+async def _collect(service: GenerationService, choices: _Choices, http_request: Request,
                    fields: dict[str, object]) -> list[tuple[FinalEvent, list[TokenEvent]]] | None:
     """Every choice's final event and token events; None if the client went away (all choices cancelled)."""
-    tokens: list[list[TokenEvent]] = [[] for _ in handles]
-    waits = [service.complete(h, http_request.is_disconnected, fields,
-                              on_token=tokens[i].append if h.request.sampling.logprobs is not None else None)
-             for i, h in enumerate(handles)]
+    tokens: list[list[TokenEvent]] = [[] for _ in choices.requests]
+
+    def wait(i: int, handle: RequestHandle) -> asyncio.Future[FinalEvent | None]:
+        keep = handle.request.sampling.logprobs is not None
+
+        def on_token(event: TokenEvent) -> None:
+            if i == 0:
+                choices.first_ready.set()
+            if keep:
+                tokens[i].append(event)
+
+        return asyncio.ensure_future(service.complete(handle, http_request.is_disconnected, fields,
+                                                      on_token=on_token))
+
+    waits = [wait(i, h) for i, h in enumerate(choices.handles)]
     try:
+        if choices.staggered:
+            ready = asyncio.ensure_future(choices.first_ready.wait())
+            await asyncio.wait({waits[0], ready}, return_when=asyncio.FIRST_COMPLETED)
+            ready.cancel()
+            if not waits[0].done() or waits[0].result() is not None:
+                waits += [wait(i, h) for i, h in enumerate(choices.submit_rest(), start=1)]
         finals = await asyncio.gather(*waits)
     except BaseException:
-        for handle in handles:
-            handle.cancel()
+        choices.cancel()
+        for w in waits:
+            w.cancel()
         raise
-    if any(f is None for f in finals):
-        for handle in handles:
-            handle.cancel()
+    if len(finals) < len(choices.requests) or any(f is None for f in finals):
+        choices.cancel()
         return None
     return [(f, t) for f, t in zip(finals, tokens, strict=True) if f is not None]
 
@@ -168,34 +216,38 @@ async def serve_completion(service: GenerationService, body: CompletionRequest, 
     """``options``: further arguments of ``service.build`` (the route's cache scope)."""
     model = _model(service)
     sampling = body.to_sampling(model.n_vocab, body.grammar())
-    handles, fields = await _submit(service, body, prompt, body.max_tokens, sampling, "cmpl", http_request,
+    choices, fields = await _submit(service, body, prompt, body.max_tokens, sampling, "cmpl", http_request,
                                     body.prompt, "response_format", options)
     created = int(time.time())
     logprobs = Logprobs(model) if body.logprobs is not None else None
-    request_id = handles[0].request.request_id
+    request_id = choices.requests[0].request_id
     if body.stream:
         finals: list[FinalEvent] = []
-        streams = [_completion_stream(service, h, i, created, fields, logprobs, finals) for i, h in enumerate(handles)]
 
         def usage_chunk() -> str:
             return Completion(id=request_id, created=created, model=service.model_name, choices=[],
                               usage=_usage(finals)).model_dump_json()
 
-        return TokenEventSourceResponse(_merged(streams, finals, usage_chunk if body.include_usage else None))
-    results = await _collect(service, handles, http_request, fields)
+        def stream(i: int, handle: RequestHandle) -> AsyncIterator[ServerSentEvent]:
+            ready = choices.first_ready if i == 0 else None
+            return _completion_stream(service, handle, i, created, fields, logprobs, finals, ready)
+
+        return TokenEventSourceResponse(_merged(choices, stream, finals,
+                                                usage_chunk if body.include_usage else None))
+    results = await _collect(service, choices, http_request, fields)
     if results is None:
         return Response(status_code=CLIENT_CLOSED)
-    choices = [CompletionChoice(index=i, text=final.text, finish_reason=_finish(final),  # type: ignore[arg-type]
+    answers = [CompletionChoice(index=i, text=final.text, finish_reason=_finish(final),  # type: ignore[arg-type]
                                 logprobs=logprobs.completion(tokens) if logprobs else None)
                for i, (final, tokens) in enumerate(results)]
-    return Completion(id=request_id, created=created, model=service.model_name, choices=choices,
+    return Completion(id=request_id, created=created, model=service.model_name, choices=answers,
                       usage=_usage([final for final, _ in results]))
 
 
 async def _completion_stream(service: GenerationService, handle: RequestHandle, index: int, created: int,
-                             fields: dict[str, object], logprobs: Logprobs | None, finals: list[FinalEvent]
-                             ) -> AsyncIterator[ServerSentEvent]:
-    """One choice's chunks; its final event goes to ``finals``."""
+                             fields: dict[str, object], logprobs: Logprobs | None, finals: list[FinalEvent],
+                             ready: asyncio.Event | None = None) -> AsyncIterator[ServerSentEvent]:
+    """One choice's chunks; its final event goes to ``finals``, and ``ready`` is set at its first event."""
     request_id = handle.request.request_id
     offset = 0
     pending: list[TokenEvent] = []
@@ -212,6 +264,8 @@ async def _completion_stream(service: GenerationService, handle: RequestHandle, 
                           ).model_dump_json()
 
     async for event in service.stream(handle, fields):
+        if ready is not None:
+            ready.set()
         if isinstance(event, TokenEvent):
             if event.logprob is not None:
                 pending.append(event)
@@ -224,22 +278,37 @@ async def _completion_stream(service: GenerationService, handle: RequestHandle, 
             yield _error_event(event)
 
 
-async def _merged(streams: list[AsyncIterator[ServerSentEvent]], finals: list[FinalEvent],
-                  usage_chunk: Callable[[], str] | None) -> AsyncIterator[ServerSentEvent]:
-    """The choices' chunks as they come, then usage (when asked and every choice finished) and ``[DONE]``.
-    Leaving early (the client went away) cancels every choice."""
+async def _merged(choices: _Choices, stream: Callable[[int, RequestHandle], AsyncIterator[ServerSentEvent]],
+                  finals: list[FinalEvent], usage_chunk: Callable[[], str] | None) -> AsyncIterator[ServerSentEvent]:
+    """The choices' chunks as they come (``stream(i, handle)`` makes choice i's), then usage (when asked and
+    every choice finished) and ``[DONE]``. Leaving early (the client went away) cancels every choice."""
     queue: asyncio.Queue[ServerSentEvent | None] = asyncio.Queue()
+    tasks: list[asyncio.Task[None]] = []
 
-    async def pump(stream: AsyncIterator[ServerSentEvent]) -> None:
+    async def pump(events: AsyncIterator[ServerSentEvent]) -> None:
         try:
-            async for sse in stream:
+            async for sse in events:
                 await queue.put(sse)
         finally:
             queue.put_nowait(None)
 
-    tasks = [asyncio.create_task(pump(stream)) for stream in streams]
+    async def start_rest() -> None:
+        await choices.first_ready.wait()
+        try:
+            handles = choices.submit_rest()
+        except APIError as exc:
+            await queue.put(ServerSentEvent(data=ErrorResponse(error=exc.detail).model_dump_json()))
+            handles = []
+        for i, handle in enumerate(handles, start=1):
+            tasks.append(asyncio.create_task(pump(stream(i, handle))))
+        queue.put_nowait(None)
+
+    tasks += [asyncio.create_task(pump(stream(i, h))) for i, h in enumerate(choices.handles)]
+    running = len(tasks)
+    if choices.staggered:
+        tasks.append(asyncio.create_task(start_rest()))
+        running += len(choices.requests)  # the other choices' streams, and start_rest itself, minus choice 0's
     try:
-        running = len(tasks)
         while running:
             sse = await queue.get()
             if sse is None:
@@ -249,7 +318,8 @@ async def _merged(streams: list[AsyncIterator[ServerSentEvent]], finals: list[Fi
     finally:
         for task in tasks:
             task.cancel()
-    if usage_chunk is not None and len(finals) == len(streams):
+        choices.cancel()
+    if usage_chunk is not None and len(finals) == len(choices.requests):
         yield ServerSentEvent(data=usage_chunk())
     yield ServerSentEvent(data="[DONE]")
 
@@ -299,31 +369,34 @@ async def serve_chat(service: GenerationService, body: ChatCompletionRequest, ht
     plan = _plan(service, body)
     tokens = await service.chat_tokens(plan.messages, plan.template_tools)
     sampling = body.to_sampling(model.n_vocab, plan.grammar)
-    handles, fields = await _submit(service, body, tokens, body.limit(), sampling, "chatcmpl", http_request,
+    choices, fields = await _submit(service, body, tokens, body.limit(), sampling, "chatcmpl", http_request,
                                     plan.messages, plan.grammar_param, options)
     created = int(time.time())
     logprobs = Logprobs(model) if body.logprobs else None
-    request_id = handles[0].request.request_id
+    request_id = choices.requests[0].request_id
     if body.stream:
         finals: list[FinalEvent] = []
-        streams = [_ChatStream(service, h, i, body, plan, created, logprobs).events(fields, finals)
-                   for i, h in enumerate(handles)]
 
         def usage_chunk() -> str:
             return ChatCompletionChunk(id=request_id, created=created, model=service.model_name, choices=[],
                                        usage=_usage(finals)).model_dump_json()
 
-        return TokenEventSourceResponse(_merged(streams, finals, usage_chunk if body.include_usage else None))
-    results = await _collect(service, handles, http_request, fields)
+        def stream(i: int, handle: RequestHandle) -> AsyncIterator[ServerSentEvent]:
+            ready = choices.first_ready if i == 0 else None
+            return _ChatStream(service, handle, i, body, plan, created, logprobs, ready).events(fields, finals)
+
+        return TokenEventSourceResponse(_merged(choices, stream, finals,
+                                                usage_chunk if body.include_usage else None))
+    results = await _collect(service, choices, http_request, fields)
     if results is None:
         return Response(status_code=CLIENT_CLOSED)
-    choices = []
+    answers = []
     for i, (final, events) in enumerate(results):
         content, calls, finish = _tool_answer(plan, body, final)
-        choices.append(ChatChoice(
+        answers.append(ChatChoice(
             index=i, message=AssistantMessage(content=content, tool_calls=calls), finish_reason=finish,  # type: ignore[arg-type]
             logprobs=ChoiceLogprobs(content=logprobs.chat(events)) if logprobs else None))
-    return ChatCompletion(id=request_id, created=created, model=service.model_name, choices=choices,
+    return ChatCompletion(id=request_id, created=created, model=service.model_name, choices=answers,
                           usage=_usage([final for final, _ in results]))
 
 
@@ -372,9 +445,10 @@ class _ChatStream:
     generated; with ``auto`` an answer that may be a call is held back until it is whole."""
 
     def __init__(self, service: GenerationService, handle: RequestHandle, index: int, body: ChatCompletionRequest,
-                 plan: _ChatPlan, created: int, logprobs: Logprobs | None) -> None:
+                 plan: _ChatPlan, created: int, logprobs: Logprobs | None, ready: asyncio.Event | None = None
+                 ) -> None:
         self.service, self.handle, self.index, self.body, self.plan = service, handle, index, body, plan
-        self.created, self.logprobs = created, logprobs
+        self.created, self.logprobs, self.ready = created, logprobs, ready
         self.pending: list[TokenEvent] = []
 
     def _chunk(self, delta: ChatDelta, finish: str | None = None, with_logprobs: bool = True) -> ServerSentEvent:
@@ -409,6 +483,8 @@ class _ChatStream:
         holding: bool | None = None if self.plan.parse_tools else False
         held = ""
         async for event in self.service.stream(self.handle, fields):
+            if self.ready is not None:
+                self.ready.set()
             if isinstance(event, TokenEvent):
                 if event.logprob is not None:
                     self.pending.append(event)
@@ -448,6 +524,8 @@ class _ChatStream:
             return self._chunk(ChatDelta(tool_calls=[delta]))
 
         async for event in self.service.stream(self.handle, fields):
+            if self.ready is not None:
+                self.ready.set()
             if isinstance(event, TokenEvent):
                 if event.logprob is not None:
                     self.pending.append(event)

@@ -253,6 +253,27 @@ def test_n_returns_that_many_choices(client: openai.OpenAI) -> None:
     assert len(out.choices) == 2 and out.choices[0].text == out.choices[1].text
 
 
+def test_n_choices_compute_a_long_prompt_once(client: openai.OpenAI, http: httpx.Client) -> None:
+    def cached() -> float:
+        lines = http.get("/metrics").text.splitlines()
+        return sum(float(line.split()[-1]) for line in lines if line.startswith("llama_prompt_tokens_cached_total"))
+
+    system = "You are a careful assistant who answers in one short sentence. " * 6  # well over 32 tokens
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Name a colour."}]
+    for stream in (False, True):
+        before = cached()
+        reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=1.0, n=3,  # type: ignore[arg-type]
+                                               seed=9, stream=stream)
+        if stream:
+            chunks = list(reply)  # type: ignore[arg-type]
+            assert sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason) == [0, 1, 2]
+        else:
+            assert len(reply.choices) == 3  # type: ignore[union-attr]
+            prompt_tokens = reply.usage.prompt_tokens  # type: ignore[union-attr]
+        # Choices 1 and 2 start from a copy of choice 0's prompt cells (all but the last token).
+        assert cached() - before >= 2 * (prompt_tokens - 1) - 1
+
+
 def test_n_choices_stream_interleaved_with_their_index(client: openai.OpenAI) -> None:
     chunks = list(client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Name an animal."}], max_tokens=8, temperature=0, n=3,
