@@ -8,11 +8,15 @@ request, and once it runs steadily sends a long prompt (``max_length`` 1, no pro
 connection. Reported per budget (medians over rounds): the stream's steady inter-token gap before the prompt
 arrived, its worst gap while the prompt was prefilled, their ratio, and the long prompt's time to first token.
 Token times are taken at the client as the events arrive.
+
+With ``--levels`` it also measures what the budget costs in throughput: streamed greedy requests from 1, 2, 4...
+concurrent clients (``benchmarks.concurrency``'s load), aggregate tok/s and TTFT per budget, alternating.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
 import threading
@@ -21,6 +25,7 @@ import time
 import httpx
 
 from benchmarks.common import free_port, our_server_cmd, running
+from benchmarks.concurrency import run_level, summarize
 
 STEADY_TOKENS = 40
 
@@ -73,6 +78,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--model-path", default=None)
+    parser.add_argument("--levels", default="", help="also measure throughput at these client counts, e.g. 1,2,4")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per request in the throughput levels")
     args = parser.parse_args()
     words = "the keeper climbed the stairs of the old lighthouse every evening at dusk and lit the lamp".split()
     long_prompt = " ".join(words[i % len(words)] for i in range(args.prompt_words))
@@ -86,10 +93,17 @@ def main() -> None:
                        f"http://127.0.0.1:{ports[b]}/ready", timeout=600) for b in budgets]
     for server in servers:
         server.__enter__()
+    levels = [int(n) for n in args.levels.split(",") if n]
+    throughput = []
     try:
         for _ in range(args.rounds):
             for b in budgets:
                 results[b].append(one_round(f"http://127.0.0.1:{ports[b]}", long_prompt))
+        for clients in levels:
+            for b in budgets:
+                samples, errors, wall = asyncio.run(run_level(f"http://127.0.0.1:{ports[b]}", "native", clients, 2,
+                                                              args.tokens))
+                throughput.append((b, summarize(f"budget {b}", clients, samples, errors, wall)))
     finally:
         for server in servers:
             server.__exit__(None, None, None)
@@ -104,6 +118,13 @@ def main() -> None:
 
         print(f"| {b or 'measured (0)'} | {int(med('prompt_tokens'))} | {med('steady_ms'):.1f} | "
               f"{med('worst_ms'):.1f} | {med('ratio'):.2f} | {int(med('tokens_during'))} | {med('ttft_s'):.2f} |")
+    if throughput:
+        print("\n| clients | PREFILL_BUDGET | aggregate tok/s | per-stream tok/s | TTFT p50 ms | TTFT p95 ms "
+              "| errors |")
+        print("|---|---|---|---|---|---|---|")
+        for b, level in throughput:
+            print(f"| {level.clients} | {b or 'measured (0)'} | {level.aggregate_tps} | {level.per_stream_tps} | "
+                  f"{level.ttft_p50_ms} | {level.ttft_p95_ms} | {level.errors} |")
     print(json.dumps(results))
 
 
