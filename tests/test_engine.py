@@ -72,6 +72,7 @@ def test_measured_budget_makes_a_prefill_step_cost_about_two_decode_steps() -> N
         budget.tokens(512)
     assert budget.tokens(512) == 10  # 10 ms more: the step takes two decode steps
     assert budget.tokens(4) == 4  # never more than the batch has room for
+    assert budget.tokens(0) == 0  # the generating streams filled the batch
     assert PrefillBudget(fixed=64).tokens(512) == 64
 
 

@@ -99,7 +99,9 @@ class PrefillBudget:
     last: int = 0
 
     def tokens(self, room: int) -> int:
-        """The budget for the next step, at most ``room`` and at least 1 (a prompt always advances)."""
+        """The budget for the next step: at most ``room``, else at least 1 (a prompt always advances)."""
+        if room <= 0:
+            return 0
         if self.fixed:
             n = self.fixed
         elif self.decode_s is None or self.per_token_s is None:
