@@ -90,11 +90,11 @@ def test_chat_answer_equals_generate_on_the_rendered_prompt(
 ) -> None:
     chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=100, temperature=0)  # type: ignore[arg-type]
     tokens = vocab.tokenize(SMOLLM2_RENDERED.encode(), add_bos=False, special=True)
+    # /generate takes these control-token ids; /v1/completions refuses them unless ALLOW_SPECIAL_TOKENS.
     native = http.post("/generate", json={"prompt": tokens, "max_length": 100, "temperature": 0}).json()
-    raw = client.completions.create(model=MODEL, prompt=tokens, max_tokens=100, temperature=0)
     answer = chat.choices[0].message.content
     assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
-    assert answer == native["text"] == raw.choices[0].text
+    assert answer == native["text"]
     assert "Paris" in (answer or "")
     assert chat.usage is not None and chat.usage.prompt_tokens == len(tokens)
     # The answer ends at <|im_end|> (an end-of-generation token), which is not part of the text.
