@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -50,6 +51,10 @@ class RequestLogMiddleware:
                 "duration_ms": round((time.perf_counter() - start) * 1000, 1),
                 **state.get("generation", {}),
             }
+            if (status or 499) >= 400:
+                # A refused request has no generation id yet: give it one, and the error code it was answered.
+                fields.setdefault("id", f"req-{uuid.uuid4().hex[:24]}")
+                fields.setdefault("error", state.get("error_code", "-"))
             level = logging.DEBUG if scope["path"] in QUIET_PATHS else logging.INFO
             if log.isEnabledFor(level):
                 summary = " ".join(f"{k}={escape(v)}" for k, v in fields.items() if k != "prompt")

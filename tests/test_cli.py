@@ -131,3 +131,16 @@ def test_the_readme_sdk_example_answers_briefly(live_server: LiveServer, capsys:
     example = next(block for block in readme.split("```python\n")[1:] if "OpenAI(" in block).split("```")[0]
     exec(example.replace("http://localhost:8000", live_server.url), {})  # noqa: S102 - our own README's code
     assert capsys.readouterr().out.strip() == "The capital of France is Paris."
+
+
+def test_a_refused_request_logs_its_id_and_error_code(live_server: LiveServer, http: httpx.Client) -> None:
+    assert http.post("/generate", json={"prompt": "hi", "max_length": -5}).status_code == 400
+    assert http.post("/v1/completions", json={"model": "m", "prompt": "word " * 3000}).status_code == 400
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        lines = [ln for ln in live_server.log().splitlines() if "status=400" in ln]
+        if len(lines) >= 2:
+            break
+        time.sleep(0.1)
+    assert any("path=/generate" in ln and " id=req-" in ln and "error=invalid_value" in ln for ln in lines), lines
+    assert any("path=/v1/completions" in ln and "error=context_length_exceeded" in ln for ln in lines), lines
