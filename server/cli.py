@@ -46,7 +46,14 @@ EXAMPLES = {
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults after each option, examples kept as written."""
+    """Defaults after each option, examples kept as written. An option without a default (None, a flag that is
+    off) or whose help already states it shows no "(default: ...)"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
 
 
 def _list_value(text: str) -> list[str]:
@@ -238,10 +245,11 @@ def _add_pull(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
     p.add_argument("repo_id", metavar="REPO[:QUANT]",
                    help="e.g. TheBloke/Llama-2-7B-GGUF or TheBloke/Llama-2-7B-GGUF:Q8_0")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--quant", default=None, help="quantization to pick from the repository's files, e.g. Q4_K_M")
+    which.add_argument("--quant", default=None, help="quantization to pick from the repository's files, e.g. Q8_0 "
+                       "(default: the repository's only GGUF, else its Q4_K_M)")
     which.add_argument("--file", default=None, help="exact file name in the repository")
-    p.add_argument("--revision", default=None, help="branch, tag or commit (pin a commit for reproducibility); "
-                   "unset: main")
+    p.add_argument("--revision", default=None, help="branch, tag or commit; pin a commit for reproducibility "
+                   "(default: main)")
     p.set_defaults(handler=cmd_pull)
 
 
@@ -276,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_flags(sub.choices["plan"], PLAN_SETTINGS)  # plan sizes a pod for these serve settings
     for name, command in sub.choices.items():
         command.formatter_class = HelpFormatter
+        for action in command._actions:  # an option given without help still shows its default
+            if action.help is None and action.option_strings and action.default not in (None, False,
+                                                                                       argparse.SUPPRESS):
+                action.help = "default: %(default)s"
         if name in EXAMPLES:
             command.epilog = "example:\n  " + EXAMPLES[name]
     return parser
