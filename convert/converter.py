@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import struct
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -142,34 +143,75 @@ def _nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
     return int(np.prod(shape)) * item
 
 
-def _add_metadata(writer: gguf.GGUFWriter, hooks: ModelHooks, hf_dir: Path, vocab: VocabData, outtype: str) -> None:
+def _add_metadata(
+    writer: gguf.GGUFWriter, hooks: ModelHooks, hf_dir: Path, vocab: VocabData, outtype: str, write_pre: bool = True
+) -> None:
     writer.add_name(hooks.config.get("_name_or_path") or hf_dir.name)
     writer.add_file_type(OUTTYPES[outtype][1])
     hooks.add_hparams(writer)
-    add_vocab(writer, hf_dir, vocab, hooks.config["vocab_size"])
+    add_vocab(writer, hf_dir, vocab, hooks.config["vocab_size"], write_pre=write_pre)
 
 
-def _vocab_mismatch(
-    hooks: ModelHooks, hf_dir: Path, vocab: VocabData, reference: Reference, workdir: Path, compare: bool = True
-) -> str | None:
-    """Where llama.cpp, given a GGUF with ``vocab`` and no weights, first tokenizes unlike ``reference``
-    (``compare`` False: only that llama.cpp loads it, e.g. knows the pre-tokenizer's name)."""
-    fd, name = tempfile.mkstemp(prefix=".vocab.", suffix=".gguf.part", dir=workdir)
-    os.close(fd)
-    path = Path(name)
-    try:
-        writer = gguf.GGUFWriter(path, hooks.arch_name)
-        _add_metadata(writer, hooks, hf_dir, vocab, "f32")
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        writer.close()
+class _VocabOnlyGGUF:
+    """The output's metadata and vocabulary without weights, for llama.cpp to load in a moment.
+
+    The pre-tokenizer's name is the file's last key, so trying another name rewrites only the tail (a GGUF
+    string is a little-endian u64 length and its bytes, and with no tensors the file ends there): the
+    vocabulary is written once however many candidates are tried."""
+
+    def __init__(self, hooks: ModelHooks, hf_dir: Path, vocab: VocabData, workdir: Path) -> None:
+        fd, name = tempfile.mkstemp(prefix=".vocab.", suffix=".gguf.part", dir=workdir)
+        os.close(fd)
+        self.path = Path(name)
+        self.markers_in_text = vocab.model == "gpt2"  # see tokcheck.probe_texts
+        pre = vocab.pre or "gpt-2"
+        try:
+            writer = gguf.GGUFWriter(self.path, hooks.arch_name)
+            _add_metadata(writer, hooks, hf_dir, vocab, "f32", write_pre=False)
+            writer.add_tokenizer_pre(pre)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            writer.close()
+        except BaseException:
+            self.path.unlink(missing_ok=True)
+            raise
+        self._pre_at = self.path.stat().st_size - 8 - len(pre.encode())
+
+    def set_pre(self, name: str) -> None:
+        data = name.encode()
+        with self.path.open("r+b") as fh:
+            fh.seek(self._pre_at)
+            fh.write(struct.pack("<Q", len(data)) + data)
+            fh.truncate()
+
+    def mismatch(self, reference: Reference, compare: bool = True) -> str | None:
+        """Where llama.cpp first tokenizes unlike ``reference`` (``compare`` False: only that it loads)."""
         if not compare:
-            with llama_vocab(path):
+            with llama_vocab(self.path):
                 return None
-        return first_difference(path, reference, markers_in_text=vocab.model == "gpt2")
+        return first_difference(self.path, reference, markers_in_text=self.markers_in_text)
+
+    def close(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _check_vocab(hooks: ModelHooks, hf_dir: Path, vocab: VocabData, reference: Reference, workdir: Path,
+                 verify: bool) -> None:
+    """Decide the BPE pre-tokenizer by behaviour when not given; refuse a vocabulary llama.cpp cannot load or,
+    with ``verify``, tokenizes unlike the checkpoint - before the weights are written, not after."""
+    probe = _VocabOnlyGGUF(hooks, hf_dir, vocab, workdir)
+    try:
+        if vocab.pre is None:
+            def mismatch_with(name: str) -> str | None:
+                probe.set_pre(name)
+                return probe.mismatch(reference)
+
+            vocab.pre = choose_pre(vocab.pre_guess, mismatch_with)
+        else:
+            _refuse_mismatch(probe.mismatch(reference, compare=verify), vocab)
     finally:
-        path.unlink(missing_ok=True)
+        probe.close()
 
 
 def convert(
@@ -192,11 +234,7 @@ def convert(
     vocab = load_vocab(hf_dir, vocab_pre)
     reference = load_reference(hf_dir)
     vocab.adds = reference.adds()
-    if vocab.pre is None:
-        vocab.pre = choose_pre(vocab.pre_guess, lambda name: _vocab_mismatch(
-            hooks, hf_dir, replace(vocab, pre=name), reference, out.parent))
-    else:  # fail before the long part, not after it; even unverified, a file llama.cpp cannot load is refused
-        _refuse_mismatch(_vocab_mismatch(hooks, hf_dir, vocab, reference, out.parent, compare=verify), vocab)
+    _check_vocab(hooks, hf_dir, vocab, reference, out.parent, verify)
 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
     os.close(fd)

@@ -170,9 +170,10 @@ def _generation_config(directory: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def add_vocab(writer: gguf.GGUFWriter, directory: Path, vocab: VocabData, n_vocab: int) -> None:
-    """Tokens, merges, special tokens (tokenizer_config.json, then config.json, then generation_config.json)."""
-    if vocab.model == "gpt2" and not vocab.pre:
+def add_vocab(writer: gguf.GGUFWriter, directory: Path, vocab: VocabData, n_vocab: int, write_pre: bool = True) -> None:
+    """Tokens, merges, special tokens (tokenizer_config.json, then config.json, then generation_config.json);
+    the pre-tokenizer's name unless ``write_pre`` is False (the caller writes it)."""
+    if write_pre and vocab.model == "gpt2" and not vocab.pre:
         raise PipelineError("internal: the BPE pre-tokenizer was not decided")
     if len(vocab.tokens) > n_vocab:
         raise PipelineError(f"the tokenizer has {len(vocab.tokens)} tokens but the model's vocab_size is {n_vocab}")
@@ -182,7 +183,7 @@ def add_vocab(writer: gguf.GGUFWriter, directory: Path, vocab: VocabData, n_voca
         vocab.scores.append(-1000.0)
         vocab.types.append(int(gguf.TokenType.UNUSED))
     writer.add_tokenizer_model(vocab.model)
-    if vocab.pre:
+    if write_pre and vocab.pre:
         writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
     writer.add_token_scores(vocab.scores)
