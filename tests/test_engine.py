@@ -224,6 +224,24 @@ def test_a_cancelled_prefill_stops_in_the_middle_of_its_step(tmp_path: Path) -> 
     assert waited < step_s / 2, (waited, step_s)
 
 
+def test_a_request_may_use_every_cell_llama_cpp_gives_its_slot(tmp_path: Path) -> None:
+    # 1000 / 3 = 333 tokens asked per slot; llama.cpp rounds each sequence's cells up, and the server uses them.
+    live = start_server(tmp_path, "--ctx-size", "1000", "--parallel", "3", "--n-threads", "1")
+    try:
+        with httpx.Client(base_url=live.url, timeout=300) as client:
+            slot_ctx = client.get("/info").json()["slot_ctx"]
+            prompt = "The keeper climbed the stairs of the old lighthouse every evening at dusk. " * 2
+            n_prompt = generate(client, prompt, max_length=1)["usage"]["prompt_tokens"]
+            whole = generate(client, prompt, max_length=slot_ctx - n_prompt, ignore_eos=True)
+            over = client.post("/generate", json={"prompt": prompt, "max_length": slot_ctx - n_prompt + 1})
+    finally:
+        stop_server(live)
+    assert slot_ctx > 333
+    # The slot's last cell is the one the final token would go to: every other cell was filled by a real decode.
+    assert whole["usage"]["completion_tokens"] == slot_ctx - n_prompt
+    assert over.status_code == 400 and over.json()["error"]["code"] == "context_length_exceeded"
+
+
 # ---- a crashed or hung engine ----
 
 FAULTS = {

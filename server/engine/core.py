@@ -130,12 +130,15 @@ class Engine:
         self.ended = threading.Event()  # the engine thread has ended
         self.crashed: str | None = None  # why the engine loop failed
         self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
-        metrics.bind_state(
+        self._bind_metrics(settings.ctx_size)
+
+    def _bind_metrics(self, kv_capacity: int) -> None:
+        self.metrics.bind_state(
             queue_depth=lambda: len(self._waiting),
             slots_busy=lambda: sum(1 for s in self._slots if s.active is not None),
             kv_tokens=lambda: sum(len(s.tokens) for s in self._slots),
-            kv_capacity=settings.ctx_size,
-            slots_total=settings.parallel,
+            kv_capacity=kv_capacity,
+            slots_total=self.settings.parallel,
         )
 
     # ---- the caller's side (event loop) ----
@@ -286,6 +289,7 @@ class Engine:
             cache_type=self.cache_type,
         )
         self._batch = Batch(s.batch_size)
+        self._bind_metrics(self._ctx.n_ctx)  # llama.cpp rounds each sequence's cells up (to 256)
         # Cutting a sequence back to a shared prefix needs memory that keeps every cell of it: not recurrent
         # state (Mamba, RWKV, hybrids), and with sliding-window attention only while the window's cells remain.
         self._partial_reuse = not self.model.recurrent
