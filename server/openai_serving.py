@@ -285,11 +285,13 @@ async def _merged(choices: _Choices, stream: Callable[[int, RequestHandle], Asyn
     queue: asyncio.Queue[ServerSentEvent | None] = asyncio.Queue()
     tasks: list[asyncio.Task[None]] = []
 
-    async def pump(events: AsyncIterator[ServerSentEvent]) -> None:
+    async def pump(i: int, events: AsyncIterator[ServerSentEvent]) -> None:
         try:
             async for sse in events:
                 await queue.put(sse)
         finally:
+            if i == 0:
+                choices.first_ready.set()  # however choice 0 ended, the others are not waited for in vain
             queue.put_nowait(None)
 
     async def start_rest() -> None:
@@ -298,12 +300,14 @@ async def _merged(choices: _Choices, stream: Callable[[int, RequestHandle], Asyn
             handles = choices.submit_rest()
         except APIError as exc:
             await queue.put(ServerSentEvent(data=ErrorResponse(error=exc.detail).model_dump_json()))
+            for _ in choices.requests[1:]:
+                queue.put_nowait(None)  # these choices never run
             handles = []
         for i, handle in enumerate(handles, start=1):
-            tasks.append(asyncio.create_task(pump(stream(i, handle))))
+            tasks.append(asyncio.create_task(pump(i, stream(i, handle))))
         queue.put_nowait(None)
 
-    tasks += [asyncio.create_task(pump(stream(i, h))) for i, h in enumerate(choices.handles)]
+    tasks += [asyncio.create_task(pump(i, stream(i, h))) for i, h in enumerate(choices.handles)]
     running = len(tasks)
     if choices.staggered:
         tasks.append(asyncio.create_task(start_rest()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -272,6 +273,34 @@ def test_n_choices_compute_a_long_prompt_once(client: openai.OpenAI, http: httpx
             prompt_tokens = reply.usage.prompt_tokens  # type: ignore[union-attr]
         # Choices 1 and 2 start from a copy of choice 0's prompt cells (all but the last token).
         assert cached() - before >= 2 * (prompt_tokens - 1) - 1
+
+
+def idle(http: httpx.Client) -> None:
+    """Wait until the cancelled requests have left the engine."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        ready = http.get("/ready").json()
+        if ready["slots_busy"] == 0 and ready["queue_depth"] == 0:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the engine is still busy: {ready}")
+
+
+def test_more_choices_than_slots_and_queue_hold_are_refused_whole(client: openai.OpenAI, http: httpx.Client) -> None:
+    # The live server holds 4 running + 4 waiting requests; 16 choices cannot all be taken.
+    long = [{"role": "system", "content": "Answer in one short sentence, please. " * 8},
+            {"role": "user", "content": "Name a colour."}]
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model=MODEL, messages=long, max_tokens=4, n=16)  # type: ignore[arg-type]
+    idle(http)
+    with http.stream("POST", "/v1/chat/completions", json={"model": MODEL, "messages": long, "max_tokens": 4,
+                                                           "n": 16, "stream": True}) as resp:
+        data = [line[5:].strip() for line in resp.iter_lines() if line.startswith("data:")]
+    assert data[-1] == "[DONE]"
+    assert any('"error"' in d and "busy" in d for d in data)
+    idle(http)
+    ok = client.chat.completions.create(model=MODEL, messages=long, max_tokens=4, n=2)  # type: ignore[arg-type]
+    assert len(ok.choices) == 2  # and everything was given back
 
 
 def test_n_choices_stream_interleaved_with_their_index(client: openai.OpenAI) -> None:
