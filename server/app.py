@@ -52,10 +52,12 @@ def create_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = N
         metrics.bind_model(_model_labels(engine, settings, model_name(settings, path)))
         engine.start()
         watcher = asyncio.create_task(_watch_load(engine, on_fatal))
+        measure = asyncio.create_task(_measure_vocab_when_loaded(engine, app.state.service))
         try:
             yield
         finally:
             watcher.cancel()
+            measure.cancel()
             await asyncio.to_thread(engine.stop)
 
     docs_assets = assets_dir()  # Swagger UI and ReDoc served from the package, not a CDN
@@ -111,6 +113,14 @@ def _model_labels(engine: Engine, settings: Settings, name: str) -> Callable[[],
                 "slots": str(settings.parallel), "cache_type": known.get("cache_type", ""), "version": __version__}
 
     return labels
+
+
+async def _measure_vocab_when_loaded(engine: Engine, service: GenerationService) -> None:
+    """The prompt-size check needs the vocabulary's longest token: read once the model is loaded, so that a
+    burst of first requests does not wait for it."""
+    await asyncio.to_thread(engine.loaded.wait)
+    if engine.state is EngineState.READY:
+        await service.vocab_facts()
 
 
 async def _watch_load(engine: Engine, on_fatal: Callable[[str], None] | None) -> None:

@@ -29,6 +29,7 @@ class GenerationService:
         self.model_name = model_name
         self._chat: ChatFormatter | None = None
         self._vocab: VocabFacts | None = None
+        self._vocab_lock = asyncio.Lock()  # measured once, however many requests ask at the same time
         self.created = int(time.time())  # the model's "created" in the OpenAI API: when this server started
 
     @staticmethod
@@ -37,11 +38,14 @@ class GenerationService:
 
     async def vocab_facts(self) -> VocabFacts:
         """The vocabulary's longest token and control tokens, read once (off the event loop)."""
-        if self._vocab is None:
-            model = self.engine.model
-            if model is None or self.engine.state is not EngineState.READY:
-                raise unavailable(self.engine.not_ready_reason())
-            self._vocab = await asyncio.to_thread(measure_vocab, model)
+        if self._vocab is not None:
+            return self._vocab
+        async with self._vocab_lock:
+            if self._vocab is None:
+                model = self.engine.model
+                if model is None or self.engine.state is not EngineState.READY:
+                    raise unavailable(self.engine.not_ready_reason())
+                self._vocab = await asyncio.to_thread(measure_vocab, model)
         return self._vocab
 
     async def tokenize(self, text: str) -> list[int]:
