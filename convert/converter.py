@@ -261,6 +261,9 @@ def convert(
         writer.close()
         if verify:
             _refuse_mismatch(first_difference(tmp, reference, markers_in_text=vocab.model == "gpt2"), vocab)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; the output gets a new file's usual mode
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)

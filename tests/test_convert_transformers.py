@@ -8,6 +8,7 @@ multilingual text exactly as transformers does and continue a prompt with the sa
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -272,6 +273,9 @@ def test_progress_in_a_log_is_a_few_lines(made: dict[str, Path], tmp_path: Path)
     assert [line.split(" (")[0] for line in lines] == ["convert: 25%", "convert: 50%", "convert: 75%",
                                                        "convert: 100%"], proc.stderr
     assert "\r" not in proc.stderr
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # a new file's usual mode, not the temporary's 0600
 
 
 def test_bos_and_eos_come_from_generation_config_when_nothing_else_names_them(made: dict[str, Path],
