@@ -22,8 +22,12 @@ def test_health_and_ready_report_the_engine(http: httpx.Client) -> None:
     assert ready["status"] == "ready" and ready["model"] == "SmolLM2-135M-Instruct.Q4_1" and ready["slots"] == 4
 
 
-def test_info_reports_the_model(http: httpx.Client) -> None:
+def test_info_reports_the_model(http: httpx.Client, model_path: Path) -> None:
     info = http.get("/info").json()
+    # The file's name and size as `verify` and `ls -l` show them; never the directory it lives in.
+    assert info["file"] == model_path.name and info["size_bytes"] == model_path.stat().st_size
+    assert str(model_path.parent) not in http.get("/info").text
+    assert 0 < info["tensor_bytes"] < info["size_bytes"]
     assert info["architecture"] == "llama"
     assert 130_000_000 < info["n_params"] < 140_000_000
     assert info["n_ctx_train"] == 8192 and info["slot_ctx"] == 2048

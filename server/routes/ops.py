@@ -34,13 +34,21 @@ class InfoResponse(BaseModel):
     description: str
     architecture: str
     n_params: int
-    size_bytes: int
+    size_bytes: int  # of the GGUF file, as `verify` and `ls -l` count it
+    tensor_bytes: int  # of the weights inside it, as llama.cpp counts them
     n_ctx_train: int
     ctx_size: int
     slot_ctx: int
     parallel: int
     chat_template: str | None
     auth_required: bool
+
+
+def _file_size(path: str) -> int:
+    try:
+        return Path(path).stat().st_size
+    except OSError:  # replaced or removed since it was loaded; the loaded copy still serves
+        return 0
 
 
 @router.get("/health", response_model=HealthResponse, responses={503: {"model": ErrorResponse}})
@@ -79,7 +87,8 @@ async def info(engine: EngineDep, service: ServiceDep, request: Request) -> Info
     s = engine.settings
     return InfoResponse(
         model=service.model_name, file=Path(i.path).name, description=i.description, architecture=i.architecture,
-        n_params=i.n_params, size_bytes=i.size_bytes, n_ctx_train=i.n_ctx_train, ctx_size=s.ctx_size,
+        n_params=i.n_params, size_bytes=_file_size(i.path), tensor_bytes=i.size_bytes,
+        n_ctx_train=i.n_ctx_train, ctx_size=s.ctx_size,
         slot_ctx=engine.slot_ctx, parallel=s.parallel, chat_template=i.chat_template,
         auth_required=request.app.state.key_checker.enabled,
     )
