@@ -64,6 +64,35 @@ def test_converted_smollm2_tokenizes_like_the_original(smol_f32: Path, model_pat
         converted.close()
 
 
+def test_smollm2_saved_by_transformers_5_converts_to_what_llama_cpp_serves(smol_hf: Path, smol_f32: Path,
+                                                                          model_path: Path, tmp_path: Path) -> None:
+    """The issue's case: transformers 5 re-saves the checkpoint (RoPE theta inside rope_parameters, its own
+    tokenizer.json and chat_template.jinja); the converter must still write llama.cpp's 'smollm' pre-tokenizer
+    and theta 100000, and the result must generate as the checkpoint converted before."""
+    transformers = pytest.importorskip("transformers", reason="transformers (the test extra) re-saves it")
+    resaved = tmp_path / "resaved"
+    transformers.AutoTokenizer.from_pretrained(smol_hf).save_pretrained(resaved)
+    model = transformers.LlamaForCausalLM.from_pretrained(smol_hf)
+    model.save_pretrained(resaved)
+    del model
+    config = json.loads((resaved / "config.json").read_text())
+    assert "rope_theta" not in config and config["rope_parameters"]["rope_theta"] == 100000.0
+    out = tmp_path / "resaved.gguf"
+    proc = run_cli("convert", str(resaved), "--outtype", "f32", "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    original, before, converted = load(model_path, vocab_only=True), load(smol_f32), load(out)
+    try:
+        for key in ("tokenizer.ggml.pre", "llama.rope.freq_base", "tokenizer.ggml.bos_token_id",
+                    "tokenizer.ggml.eos_token_id", "tokenizer.chat_template"):
+            assert converted.metadata[key] == original.metadata[key], key
+        for text in PARAGRAPHS:
+            assert converted.tokenize(text.encode(), special=True) == original.tokenize(text.encode(), special=True)
+        assert greedy(converted, "Once upon a time", 16) == greedy(before, "Once upon a time", 16)
+    finally:
+        for llm in (original, before, converted):
+            llm.close()
+
+
 def test_requantized_to_q4_1_it_generates_the_original_greedy_text(smol_f32: Path, model_path: Path,
                                                                    tmp_path: Path) -> None:
     q41 = tmp_path / "smol-q4_1.gguf"
