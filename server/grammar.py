@@ -126,12 +126,22 @@ def _check(schema: Any, path: str) -> None:
             raise SchemaError(
                 f"format '{value}' (at {path}) is not supported for structured output; supported: "
                 f"{', '.join(sorted(FORMATS))}", keyword="format")
+        elif key == "required" and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise SchemaError(f"'required' at {path} must be an array of property names", keyword=key)
+        elif key in ("enum", "prefixItems") and not isinstance(value, list):
+            raise SchemaError(f"'{key}' at {path} must be an array", keyword=key)
         elif key == "$ref" and not (isinstance(value, str) and value.startswith("#/")):
             raise SchemaError(f"only local references ('#/...') are supported, not {value!r} (at {path})",
                               keyword="$ref")
         elif key in ("minItems", "maxItems", "minLength", "maxLength") and (
                 not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_COUNT):
             raise SchemaError(f"'{key}' at {path} must be an integer from 0 to {MAX_COUNT}", keyword=key)
+    for low, high in (("minItems", "maxItems"), ("minLength", "maxLength")):
+        if low in schema and high in schema and schema[low] > schema[high]:
+            raise SchemaError(f"'{low}' is above '{high}' at {path}: nothing can match", keyword=low)
+    for key in ("enum", "type"):
+        if schema.get(key) == []:
+            raise SchemaError(f"'{key}' at {path} is empty: nothing can match", keyword=key)
     if "oneOf" in schema and "anyOf" in schema:
         raise SchemaError(f"'oneOf' and 'anyOf' together (at {path}) are not supported", keyword="oneOf")
 

@@ -105,6 +105,9 @@ def test_completions_take_a_json_schema(client: openai.OpenAI) -> None:
     ("patternProperties", {"type": "object", "patternProperties": {"^a": {"type": "string"}}}),
     ("format", {"type": "string", "format": "email"}),
     ("not", {"not": {"type": "string"}}),
+    ("minItems", {"type": "array", "minItems": 3, "maxItems": 2}),
+    ("enum", {"enum": []}),
+    ("required", {"type": "object", "required": "name"}),
 ])
 def test_a_schema_keyword_the_grammar_cannot_enforce_is_refused_by_name(
     client: openai.OpenAI, keyword: str, schema: dict[str, object]
