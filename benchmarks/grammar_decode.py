@@ -1,6 +1,7 @@
 """Decode speed with a JSON Schema grammar against without, same prompt and length, on one server.
 
     .venv/bin/python -m benchmarks.grammar_decode [--tokens 192] [--rounds 8] [--threads 2]
+    .venv/bin/python -m benchmarks.grammar_decode --sampler-only     # sampling cost per token, in process
 
 Each round sends the same prompt twice through ``POST /generate``: once free (``ignore_eos``, so it runs the
 full length), once with a schema whose output runs as long (an object holding at least 64 strings),
@@ -12,11 +13,17 @@ only when the sampled token is refused), so its cost should stay within 15%.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import time
 from pathlib import Path
 
 import httpx
+import llama_cpp
 
 from benchmarks.common import free_port, median, our_server_cmd, running
+from server.engine.llama import Batch, LlamaContext, LlamaModel
+from server.engine.sampling import Sampler, SamplingParams
+from server.grammar import schema_to_grammar
 from server.model_files import resolve_model_path
 
 PROMPT = "Here is a JSON list of many fruit and vegetable names, one string each:"
@@ -36,14 +43,66 @@ def generate(client: httpx.Client, tokens: int, schema: dict[str, object] | None
     return int(out["usage"]["completion_tokens"]), float(out["timings"]["decode_tokens_per_second"])
 
 
+def sampler_cost(model_path: str, tokens: int, threads: int) -> None:
+    """Milliseconds of sampling per token for the same generated text: free, with the grammar checked after
+    sampling (this server), and with the grammar masking the whole vocabulary first at every token."""
+    model = LlamaModel(Path(model_path))
+    ctx = LlamaContext(model, n_ctx=1024, n_batch=256, n_seq_max=1, n_threads=threads, n_threads_batch=threads)
+    batch = Batch(256)
+    grammar = schema_to_grammar(SCHEMA)
+    prompt = model.tokenize(PROMPT)
+
+    def run(params: SamplingParams, mask_first: bool = False) -> tuple[float, list[int]]:
+        ctx.seq_rm(0, 0, -1)
+        batch.clear()
+        index = batch.add(prompt, 0, 0, True)
+        ctx.decode(batch)
+        sampler = Sampler(params, model.n_vocab, model.vocab)
+        spent, out = 0.0, []
+        for pos in range(len(prompt), len(prompt) + tokens):
+            t0 = time.perf_counter()
+            if mask_first:  # llama.cpp's grammar_first: the grammar masks every token, then the chain samples
+                array = sampler._candidates(sampler._logits(ctx.ptr, index))
+                llama_cpp.llama_sampler_apply(sampler._grammar, ctypes.byref(array))
+                llama_cpp.llama_sampler_apply(sampler._ptr, ctypes.byref(array))
+                token = int(array.data[array.selected].id)
+                llama_cpp.llama_sampler_accept(sampler._grammar, token)
+            else:
+                token = sampler.sample(ctx.ptr, index)
+            spent += time.perf_counter() - t0
+            if model.is_eog(token):
+                break
+            out.append(token)
+            batch.clear()
+            index = batch.add_one(token, pos, 0)
+            ctx.decode(batch)
+        sampler.close()
+        return spent * 1000 / max(1, len(out)), out
+
+    greedy = dict(temperature=0.0)
+    free_ms, _ = run(SamplingParams(**greedy))  # type: ignore[arg-type]
+    after_ms, after = run(SamplingParams(**greedy, grammar=grammar))  # type: ignore[arg-type]
+    first_ms, first = run(SamplingParams(**greedy, grammar=grammar), mask_first=True)  # type: ignore[arg-type]
+    print(f"{len(after)} tokens, greedy, same text both ways with the grammar: {after == first}")
+    print(f"sampling ms/token  free:                          {free_ms:.2f}")
+    print(f"sampling ms/token  grammar checked after (server): {after_ms:.2f}")
+    print(f"sampling ms/token  grammar masks every token:      {first_ms:.2f}")
+    ctx.close()
+    model.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-path", default=None)
     parser.add_argument("--tokens", type=int, default=192)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sampler-only", action="store_true", help="only the in-process sampling cost")
     args = parser.parse_args()
     model = str(resolve_model_path(None if args.model_path is None else Path(args.model_path)))
+    if args.sampler_only:
+        sampler_cost(model, args.tokens, args.threads)
+        return
     port = free_port()
     cmd = our_server_cmd(port, "--model-path", model, "--n-threads", str(args.threads), "--parallel", "1",
                          "--ctx-size", "2048")
