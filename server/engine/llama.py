@@ -31,6 +31,9 @@ def system_info() -> str:
 # llama-cpp-python's own forwarder maps an older numbering (INFO as WARNING), so it is replaced.
 _GGML_TO_LOGGING = {0: logging.INFO, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
 native_log = logging.getLogger("llama_cpp.native")
+# What llama.cpp logs as errors when a decode is aborted on purpose (a cancelled prefill): GGML_STATUS_ABORTED
+# is 1, llama_decode's "aborted" is 2. Logged at DEBUG instead.
+_ABORT_LINE_ENDS = ("failed with error 1", "compute status: 1", "failed to decode, ret = 2")
 
 
 class _NativeLogForwarder:
@@ -47,8 +50,9 @@ class _NativeLogForwarder:
         self._line += text.decode("utf-8", "replace")
         if self._line.endswith("\n"):
             line, self._line = self._line.rstrip(), ""
-            if line and native_log.isEnabledFor(self._level):
-                native_log.log(self._level, "%s", line)
+            level = logging.DEBUG if line.endswith(_ABORT_LINE_ENDS) else self._level
+            if line and native_log.isEnabledFor(level):
+                native_log.log(level, "%s", line)
 
 
 _forwarder = _NativeLogForwarder()
