@@ -9,6 +9,9 @@ connection. Reported per budget (medians over rounds): the stream's steady inter
 arrived, its worst gap while the prompt was prefilled, their ratio, and the long prompt's time to first token.
 Token times are taken at the client as the events arrive.
 
+With ``--step-costs`` it first measures, in process, what a step costs: one generating stream alone, then with
+1, 2, 4... prompt tokens of another sequence beside it (best of 7): the numbers the measured budget works from.
+
 With ``--levels`` it also measures what the budget costs in throughput: streamed greedy requests from 1, 2, 4...
 concurrent clients (``benchmarks.concurrency``'s load), aggregate tok/s and TTFT per budget, alternating.
 """
@@ -70,6 +73,43 @@ def one_round(url: str, long_prompt: str) -> dict[str, float]:
             "tokens_during": len(during)}
 
 
+def step_costs(model_path: str | None, threads: int) -> None:
+    from server.engine.llama import Batch, LlamaContext, LlamaModel
+    from server.model_files import embedded_model_path
+
+    model = LlamaModel(model_path or embedded_model_path(), use_mmap=False)  # type: ignore[arg-type]
+    ctx = LlamaContext(model, n_ctx=8192, n_batch=512, n_seq_max=4, n_threads=threads, n_threads_batch=threads)
+    batch = Batch(512)
+    tokens = model.tokenize("The keeper climbed the stairs of the old lighthouse every evening at dusk. " * 40)
+    for seq, n in ((0, 300), (1, 200)):  # a stream 300 tokens in; another sequence 200 tokens into its prompt
+        batch.clear()
+        batch.add(tokens[:n], 0, seq, True)
+        ctx.decode(batch)
+
+    def step(n: int) -> float:
+        best = float("inf")
+        for _ in range(7):
+            batch.clear()
+            batch.add_one(tokens[0], 300, 0)
+            if n:
+                batch.add(tokens[200:200 + n], 200, 1, True)
+            t = time.perf_counter()
+            ctx.decode(batch)
+            best = min(best, time.perf_counter() - t)
+            ctx.seq_rm(0, 300, -1)
+            ctx.seq_rm(1, 200, -1)
+        return best
+
+    alone = step(0)
+    print("\n| prompt tokens beside one stream | step ms | x a decode step |\n|---|---|---|")
+    print(f"| 0 | {alone * 1000:.1f} | 1.00 |")
+    for n in (1, 2, 4, 8, 16, 64):
+        t = step(n)
+        print(f"| {n} | {t * 1000:.1f} | {t / alone:.2f} |")
+    ctx.close()
+    model.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", default="0,512", help="PREFILL_BUDGET values (0: measured)")
@@ -80,7 +120,10 @@ def main() -> None:
     parser.add_argument("--model-path", default=None)
     parser.add_argument("--levels", default="", help="also measure throughput at these client counts, e.g. 1,2,4")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per request in the throughput levels")
+    parser.add_argument("--step-costs", action="store_true", help="first measure step costs in process")
     args = parser.parse_args()
+    if args.step_costs:
+        step_costs(args.model_path, args.threads)
     words = "the keeper climbed the stairs of the old lighthouse every evening at dusk and lit the lamp".split()
     long_prompt = " ".join(words[i % len(words)] for i in range(args.prompt_words))
     budgets = [int(b) for b in args.budgets.split(",")]
