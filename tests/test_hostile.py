@@ -484,3 +484,18 @@ def test_the_listening_address_is_an_allowed_host() -> None:
     assert not host_allowed("10.0.0.5:8000", served_hosts(Settings(host="0.0.0.0")))
     assert host_allowed("api.example.com", served_hosts(Settings(allowed_hosts=["*.example.com"])))
     assert not host_allowed("example.com.evil.net", served_hosts(Settings(allowed_hosts=["*.example.com"])))
+
+
+def test_connections_past_the_limit_get_503_and_the_limit_frees_up(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, "--limit-concurrency", "4", "--header-timeout-s", "1")
+    try:
+        idle = [_connect(srv) for _ in range(4)]  # open connections count, even before a request
+        time.sleep(0.2)
+        refused = httpx.get(srv.url + "/health", timeout=10)
+        assert refused.status_code == 503
+        for sock in idle:  # the header deadline closes them, and the server takes requests again
+            _read_all(sock, 5)
+            sock.close()
+        assert httpx.get(srv.url + "/health", timeout=10).status_code == 200
+    finally:
+        stop_server(srv)
