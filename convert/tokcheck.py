@@ -21,12 +21,13 @@ import llama_cpp
 from convert.errors import PipelineError
 from server.engine.llama import route_native_logs
 
-# What pre-tokenizers disagree on: digit runs, CJK, emoji (4-byte UTF-8, skin tones, ZWJ), accents, runs of
-# spaces, tabs and newlines, English contractions in both cases, punctuation runs, code.
+# What pre-tokenizers disagree on: digit runs, CJK, emoji (4-byte UTF-8, skin tones, ZWJ), accents (also
+# decomposed, which a Unicode normalizer would change), runs of spaces, tabs and newlines, English contractions
+# in both cases, punctuation runs, code.
 PROBE = (
     "Hello world! It's 2024-05-17, the price is $1234567.89 (≈ 3.14159); we'll see, they've said, I'M SURE.\n"
     "  Two spaces,   three spaces,\tone tab,\t\ttwo tabs.\n\n\nThree newlines above; \r\n a CRLF.\n"
-    "naïve café Ünïcödé façade — “quoted” «guillemets» ‘single’ ... !!! ??? ---\n"
+    "naïve café Ünïcödé façade (decomposed: cafe\u0301 nai\u0308ve) — “quoted” «guillemets» ‘single’ ... !!! ?? -\n"
     "日本語のテキストも。中文句子，标点符号！한국어 문장입니다. Русский текст, Ελληνικά, العربية, हिन्दी.\n"
     "🎉🚀 emoji 👍🏽 family 👨‍👩‍👧 flags 🇫🇷 ✓ ✗ ∑ √ ∞ ½ №\n"
     "def fibonacci(n: int) -> int:\n    if n < 2:\n        return n  # base case\n"
@@ -45,6 +46,14 @@ class Reference:
     special_texts: list[str]
     _encode: Any
     _decode: Any
+    _offsets: Any = None  # (text, add_special) -> each token's (start, end) in text, when the library says
+
+    def char_at(self, text: str, add_special: bool, i: int) -> int:
+        """Where in ``text`` the ``i``-th token of its encoding starts."""
+        ids = self.encode(text, add_special)
+        if self._offsets is not None and i < len(ids):
+            return int(self._offsets(text, add_special)[i][0])
+        return min(len(self.decode(ids[:i])), len(text))
 
     def encode(self, text: str, add_special: bool) -> list[int]:
         return list(self._encode(text, add_special))
@@ -86,6 +95,7 @@ def load_reference(directory: Path) -> Reference:
             "tokenizer.json", True, specials,
             lambda text, add: tok.encode(text, add_special_tokens=add).ids,
             lambda ids: tok.decode(ids, skip_special_tokens=False),
+            lambda text, add: tok.encode(text, add_special_tokens=add).offsets,
         )
     if (directory / "tokenizer.model").exists():
         import sentencepiece as spm
@@ -185,7 +195,7 @@ def first_difference(gguf_path: Path, reference: Reference, markers_in_text: boo
                     continue
                 i = next((k for k, (a, b) in enumerate(zip(got, want, strict=False)) if a != b),
                          min(len(got), len(want)))
-                done = min(len(reference.decode(want[:i])), len(text))  # characters before the difference
+                done = reference.char_at(text, add_special, i)
                 what = "with BOS/EOS added" if add_special else "of plain text"
                 return (f"token ids {what} first differ at token {i}, after {text[max(0, done - 12):done]!r} "
                         f"at {text[done:done + 12]!r}: llama.cpp gives {got[i:i + 4]}, {reference.source} gives "

@@ -256,6 +256,15 @@ def test_a_tokenizer_mismatch_found_by_verify_leaves_no_file(made: dict[str, Pat
     assert proc.returncode == 0 and out.exists(), proc.stderr
 
 
+def test_a_normalizer_llama_cpp_does_not_apply_is_found_by_verify(made: dict[str, Path], tmp_path: Path) -> None:
+    d = shutil.copytree(made["bpe-v5"], tmp_path / "ckpt")
+    tokenizer = json.loads((d / "tokenizer.json").read_text())
+    (d / "tokenizer.json").write_text(json.dumps({**tokenizer, "normalizer": {"type": "NFC"}}))
+    (tmp_path / "out").mkdir()
+    proc = run_cli("convert", str(d), "--out", str(tmp_path / "out" / "m.gguf"), "--vocab-pre", "gpt-2")
+    _refused(proc, tmp_path / "out", "at 'e\u0301 nai\u0308ve)")  # the decomposed accent, which NFC composes
+
+
 @pytest.mark.parametrize("verify", [[], ["--no-verify"]])
 def test_a_pre_tokenizer_name_llama_cpp_does_not_know_is_refused(made: dict[str, Path], tmp_path: Path,
                                                                  verify: list[str]) -> None:
