@@ -97,8 +97,9 @@ def _split_parts(chosen: str, files: list[str]) -> list[str]:
     return sorted(f for f in files if f.startswith(stem) and (m := _SPLIT.search(f)) and m[2] == split[2])
 
 
-def _hub_error(exc: Exception, repo_id: str, revision: str | None, token: str | None) -> PipelineError:
-    """One line a user can act on, for each way the Hub can refuse."""
+def _hub_error(exc: Exception, repo_id: str, revision: str | None, token: str | None,
+               filename: str | None = None) -> PipelineError:
+    """One line a user can act on, for each way the Hub can refuse (``filename``: while downloading it)."""
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -120,8 +121,10 @@ def _hub_error(exc: Exception, repo_id: str, revision: str | None, token: str | 
         if status == 401:
             return PipelineError(f"{repo_id}: the Hub refused the token (401): check HF_TOKEN")
         return PipelineError(f"{repo_id}: the Hub answered {status}: {str(exc).splitlines()[0]}")
-    return PipelineError(f"cannot reach the Hugging Face Hub for {repo_id} and it is not in the local cache: "
-                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if filename is not None:
+        return PipelineError(f"downloading {filename} from {repo_id} failed: {reason}")
+    return PipelineError(f"cannot reach the Hugging Face Hub for {repo_id} and it is not in the local cache: {reason}")
 
 
 def _cached_files(repo_id: str, revision: str | None, token: str | None) -> tuple[Path, list[str]] | None:
@@ -181,5 +184,5 @@ def pull(repo_id: str, *, quant: str | None = None, filename: str | None = None,
         try:
             paths.append(Path(hf_hub_download(repo_id, part, revision=revision, token=token or False)))
         except Exception as exc:  # noqa: BLE001 - every failure of the download becomes one line
-            raise _hub_error(exc, repo_id, revision, token) from exc
+            raise _hub_error(exc, repo_id, revision, token, filename=part) from exc
     return paths[0]
