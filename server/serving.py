@@ -124,6 +124,7 @@ class GenerationService:
         cache_scope: str = "",
         ignore_eos: bool = False,
         grammar_param: str = "grammar",
+        speculative: bool | None = None,
     ) -> GenerationRequest:
         """Tokenize and check a request against the limits and the context, before it takes a slot."""
         if sampling.grammar is not None:
@@ -154,7 +155,7 @@ class GenerationService:
             )
         return GenerationRequest(
             prompt_tokens=tokens, max_tokens=max_tokens, sampling=sampling, stop=stop, request_id=request_id,
-            cache_prompt=cache_prompt, cache_scope=cache_scope, ignore_eos=ignore_eos,
+            cache_prompt=cache_prompt, cache_scope=cache_scope, ignore_eos=ignore_eos, speculative=speculative,
         )
 
     def submit(self, request: GenerationRequest) -> RequestHandle:

@@ -92,6 +92,26 @@ class Settings(BaseSettings):
     )
     flash_attn: bool = Field(default=True, description="Flash attention (llama.cpp's CPU kernel; less memory).")
 
+    # Speculative decoding
+    speculative: Literal["off", "ngram", "draft"] = Field(
+        default="off",
+        description="Speculative decoding by default for every request (a request's 'speculative' field "
+        "overrides): 'ngram' drafts from the prompt and text so far (prompt lookup), 'draft' from DRAFT_MODEL_PATH. "
+        "Greedy output is the same either way; it pays on answers that copy their input (rewrites, extraction, "
+        "code edits), and pauses itself while drafts keep failing.",
+    )
+    draft_max: int = Field(default=8, ge=1, le=64, description="Most tokens drafted for one stream in one step.")
+    ngram_size: int = Field(
+        default=3, ge=1, le=16,
+        description="Longest suffix of the text so far looked up in the prompt and the text for an n-gram draft "
+        "(shorter ones, down to 2, are tried next).",
+    )
+    draft_model_path: Path | None = Field(
+        default=None,
+        description="A small GGUF model with the served model's vocabulary that drafts tokens (with SPECULATIVE=draft "
+        "or a request's 'speculative': true).",
+    )
+
     # Requests
     queue_size: int = Field(
         default=16, ge=0, le=100_000,
@@ -218,6 +238,10 @@ class Settings(BaseSettings):
             raise ValueError("cache_type q8_0 needs flash_attn on")
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError("default_max_tokens must not exceed max_tokens_limit")
+        if self.speculative == "draft" and self.draft_model_path is None:
+            raise ValueError("speculative is 'draft' but no draft_model_path is set")
+        if self.draft_model_path is not None and not self.draft_model_path.is_file():
+            raise ValueError(f"draft_model_path {self.draft_model_path} is not a file")
         return self
 
     def api_keys(self) -> list[str]:

@@ -23,9 +23,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from server.engine.draft import DraftModel
 from server.engine.llama import Batch, LlamaContext, LlamaError, LlamaModel, ModelInfo, system_info
 from server.engine.sampling import Sampler
 from server.engine.scheduling import COPY_MIN_TOKENS, PrefillBudget, best_donor, choose_slot
+from server.engine.speculative import DraftLength, NgramIndex
 from server.engine.text import TextStream
 from server.engine.types import (
     ErrorEvent,
@@ -83,6 +85,12 @@ class _Active:
     last_token: int = -1
     first_token_at: float | None = None
     last_token_at: float | None = None
+    # Speculative decoding (None: this request does not speculate): how many tokens to draft, the prompt-lookup
+    # index (n-gram drafts; None with a draft model), and this step's drafts with the batch index of the first.
+    draft_len: DraftLength | None = None
+    ngram: NgramIndex | None = None
+    drafts: list[int] = field(default_factory=list)
+    draft_index: int = -1
 
     @property
     def prompt(self) -> list[int]:
@@ -125,6 +133,7 @@ class Engine:
         self._slots = [_Slot(seq_id=i) for i in range(settings.parallel)]
         self._budget = PrefillBudget(fixed=settings.prefill_budget)
         self._prefilling_now: frozenset[RequestHandle] = frozenset()  # requests with prompt tokens in this step
+        self._draft_model: DraftModel | None = None
         self._progress_at = time.monotonic()  # the engine loop's last turn
         self._busy_since = time.monotonic()  # when in_flight last left 0
         self.ended = threading.Event()  # the engine thread has ended
@@ -262,6 +271,8 @@ class Engine:
             if self.state is EngineState.READY:
                 self.state = EngineState.STOPPED
             self._ctx.close()
+            if self._draft_model is not None:
+                self._draft_model.close()
             if self.model is not None:
                 self.model.close()
 
@@ -290,6 +301,11 @@ class Engine:
         )
         self._batch = Batch(s.batch_size)
         self._bind_metrics(self._ctx.n_ctx)  # llama.cpp rounds each sequence's cells up (to 256)
+        if s.draft_model_path is not None:
+            self._draft_model = DraftModel(
+                s.draft_model_path, target=self.model, n_slots=s.parallel, slot_ctx=self.slot_ctx,
+                n_batch=s.batch_size, n_threads=s.n_threads)
+            log.info("draft model loaded: %s", s.draft_model_path)
         # Cutting a sequence back to a shared prefix needs memory that keeps every cell of it: not recurrent
         # state (Mamba, RWKV, hybrids), and with sliding-window attention only while the window's cells remain.
         self._partial_reuse = not self.model.recurrent
@@ -385,8 +401,21 @@ class Engine:
             cached_tokens=keep,
             started=time.perf_counter(),
         )
+        self._setup_speculation(slot.active)
         self.metrics.prompt_tokens.inc(len(prompt))
         self.metrics.cached_prompt_tokens.inc(keep)
+
+    def _setup_speculation(self, a: _Active) -> None:
+        """Whether and how this request speculates: its own ``speculative`` field, else the server's setting;
+        with the draft model where one is loaded (unless SPECULATIVE is ngram), else by prompt lookup."""
+        s = self.settings
+        wanted = a.handle.request.speculative
+        if not (wanted if wanted is not None else s.speculative != "off"):
+            return
+        a.draft_len = DraftLength(max_k=s.draft_max)
+        if self._draft_model is None or s.speculative == "ngram":
+            a.ngram = NgramIndex(max_n=s.ngram_size)
+            a.ngram.extend(a.prompt)
 
     def _cut_back(self, slot: _Slot, keep: int) -> int:
         """Drop a slot's cells past ``keep`` tokens; returns how many it keeps (0 where the model's memory
@@ -414,7 +443,7 @@ class Engine:
             if a is not None and not a.prefilling:
                 outputs.append((slot, batch.add_one(a.last_token, a.n_past, slot.seq_id)))
                 added.append((slot, [a.last_token]))
-        n_decode = len(added)
+        n_decode = len(added) + self._add_drafts(batch, [slot for slot, _ in added])
         room = self._budget.tokens(batch.free) if n_decode else batch.free
         prefilling = []
         for slot in sorted((s for s in self._slots if s.active and s.active.prefilling),
@@ -462,6 +491,39 @@ class Engine:
                 if slot.active is not None:
                     self._finish(slot, FinishReason.ERROR, error=f"sampling failed: {exc}", drop_cache=True)
 
+    def _add_drafts(self, batch: Batch, decoding: list[_Slot]) -> int:
+        """Put the drafts of the speculating streams into the batch, after their last tokens, with logits for
+        each (so the step verifies them); returns how many. Each stream drafts at most DRAFT_MAX, and all of them
+        together at most half the batch while a prompt waits to be prefilled, so drafts never starve it."""
+        wants: dict[_Slot, int] = {}
+        for slot in decoding:
+            a = slot.active
+            assert a is not None
+            a.drafts = []
+            if a.draft_len is None:
+                continue
+            # Room left in the request (the token sampled from the last draft is generated too) and in the slot.
+            k = min(a.draft_len.k(), a.handle.request.max_tokens - a.n_generated - 1, self.slot_ctx - a.n_past - 2)
+            if k > 0:
+                wants[slot] = k
+        if not wants:
+            return 0
+        prompts_waiting = any(s.active is not None and s.active.prefilling for s in self._slots)
+        share = (batch.free // 2 if prompts_waiting else batch.free) // len(wants)
+        by_model = {slot.seq_id: (slot.tokens + [slot.active.last_token], min(k, share))  # type: ignore[union-attr]
+                    for slot, k in wants.items() if slot.active.ngram is None}  # type: ignore[union-attr]
+        proposed = self._draft_model.draft(by_model) if by_model and self._draft_model is not None else {}
+        n = 0
+        for slot, k in wants.items():
+            a = slot.active
+            assert a is not None
+            drafts = a.ngram.draft(min(k, share)) if a.ngram is not None else proposed.get(slot.seq_id, [])
+            if drafts:
+                a.drafts = drafts
+                a.draft_index = batch.add(drafts, a.n_past + 1, slot.seq_id, True, all_logits=True) - len(drafts) + 1
+                n += len(drafts)
+        return n
+
     def _aborted(self, added: list[tuple[_Slot, list[int]]]) -> None:
         """A cancel stopped the step: llama.cpp keeps the micro-batches it finished, so every sequence of the
         step is cut back to where it stood, and the others run this step again next time."""
@@ -473,8 +535,36 @@ class Engine:
                              drop_cache=True)
 
     def _sampled(self, slot: _Slot, index: int) -> None:
+        """Sample the slot's next token from the logits at ``index``. With drafts in the step, go on sampling at
+        each draft's position while the sample equals the draft (that token's cell is then already computed);
+        the cells of the drafts not taken are removed before the request may finish."""
         a = slot.active
-        assert a is not None and self.model is not None
+        assert a is not None
+        drafts, a.drafts = a.drafts, []
+        base = a.n_past  # the first draft's position
+        accepted = 0
+        while True:
+            reason = self._sample_one(a, index)
+            if reason is None and accepted < len(drafts) and a.last_token == drafts[accepted]:
+                slot.tokens.append(a.last_token)
+                a.n_past += 1
+                index = a.draft_index + accepted
+                accepted += 1
+                continue
+            break
+        if drafts:
+            if accepted < len(drafts):
+                self._ctx.seq_rm(slot.seq_id, base + accepted, -1)
+            assert a.draft_len is not None
+            a.draft_len.observe(len(drafts), accepted)
+            self.metrics.draft_tokens.inc(len(drafts))
+            self.metrics.draft_accepted.inc(accepted)
+        if reason is not None:
+            self._finish(slot, reason)
+
+    def _sample_one(self, a: _Active, index: int) -> FinishReason | None:
+        """Sample and publish one token; the reason the request ends with it, or None."""
+        assert self.model is not None
         token = a.sampler.sample(self._ctx.ptr, index)
         now = time.perf_counter()
         if a.first_token_at is None:
@@ -484,16 +574,18 @@ class Engine:
             self.metrics.inter_token.observe(now - a.last_token_at)
         a.last_token_at = now
         if self.model.is_eog(token) and not a.handle.request.ignore_eos:
-            self._finish(slot, FinishReason.STOP)
-            return
+            return FinishReason.STOP
         a.n_generated += 1
         a.last_token = token
+        if a.ngram is not None:
+            a.ngram.extend([token])
         delta = a.text.push(self.model.token_to_piece(token))
         a.handle.publish(TokenEvent(token=token, text=delta, logprob=a.sampler.last_logprob))
         if a.text.stopped:
-            self._finish(slot, FinishReason.STOP)
-        elif a.n_generated >= a.handle.request.max_tokens or a.n_past + 1 >= self.slot_ctx:
-            self._finish(slot, FinishReason.LENGTH)
+            return FinishReason.STOP
+        if a.n_generated >= a.handle.request.max_tokens or a.n_past + 1 >= self.slot_ctx:
+            return FinishReason.LENGTH
+        return None
 
     def _finish(
         self, slot: _Slot, reason: FinishReason, *, error: str | None = None, drop_cache: bool = False,
@@ -535,6 +627,8 @@ class Engine:
                 time_to_first_token_ms=(first - a.handle.arrived) * 1000,
                 total_ms=(end - a.handle.arrived) * 1000,
                 decode_tokens_per_second=(a.n_generated - 1) / decode_s if decode_s > 0 else 0.0,
+                draft_tokens=a.draft_len.drafted if a.draft_len else 0,
+                draft_accepted=a.draft_len.accepted if a.draft_len else 0,
             ),
         ))
 

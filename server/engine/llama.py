@@ -335,8 +335,10 @@ class Batch:
     def free(self) -> int:
         return self.capacity - self.n_tokens
 
-    def add(self, tokens: list[int] | np.ndarray, start_pos: int, seq_id: int, want_last_logits: bool) -> int:
-        """Append ``tokens`` of one sequence at positions ``start_pos...``; returns the batch index of the last."""
+    def add(self, tokens: list[int] | np.ndarray, start_pos: int, seq_id: int, want_last_logits: bool, *,
+            all_logits: bool = False) -> int:
+        """Append ``tokens`` of one sequence at positions ``start_pos...``; returns the batch index of the last.
+        Logits are kept for the last token, or for every one with ``all_logits`` (drafts to verify)."""
         n = len(tokens)
         i = self.n_tokens
         if n == 0 or i + n > self.capacity:
@@ -344,7 +346,7 @@ class Batch:
         self.token[i:i + n] = tokens
         self.pos[i:i + n] = np.arange(start_pos, start_pos + n, dtype=np.int32)
         self.seq_id[i:i + n] = seq_id
-        self.logits[i:i + n] = 0
+        self.logits[i:i + n] = 1 if all_logits else 0
         if want_last_logits:
             self.logits[i + n - 1] = 1
         self.n_tokens = i + n

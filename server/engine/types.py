@@ -34,6 +34,9 @@ class GenerationRequest:
     # the same scope as the slot's last request (e.g. a hash of the API key), so one client cannot time
     # another's prompts through cached_tokens or TTFT. Empty: the unscoped pool.
     cache_scope: str = ""
+    # Speculative decoding for this request: None follows the server's SPECULATIVE setting; True speculates
+    # (with the draft model where one is loaded, else by prompt lookup), False never.
+    speculative: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,8 @@ class Timings:
     time_to_first_token_ms: float  # from arrival to the first generated token
     total_ms: float
     decode_tokens_per_second: float  # generated tokens after the first, per second
+    draft_tokens: int = 0  # speculative decoding: tokens proposed for this request
+    draft_accepted: int = 0  # of those, accepted (each one a token generated without a step of its own)
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ async def generate(body: GenerateRequest, request: Request, service: ServiceDep)
         cache_scope=scope or "",
         ignore_eos=body.ignore_eos,
         grammar_param=body.grammar_param,
+        speculative=body.speculative,
     )
     fields = service.log_fields(gen_request, body.prompt)
     request.state.generation = fields
