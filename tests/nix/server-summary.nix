@@ -9,6 +9,9 @@ in
   attributes = builtins.attrNames top;
   mainProgram = app.meta.mainProgram;
   relaxed = app.pythonRelaxDeps;
+  removed = app.pythonRemoveDeps or [ ];
+  # The stand-in's Python packages are their names; ours is the llama-cpp-python derivation.
+  dependencyNames = map (d: if builtins.isString d then d else d.pname) app.dependencies;
   doCheck = app.doCheck;
   sourceFiles = app.src.files;
   dependsOnOurLlama = builtins.any (d: d == llama) app.dependencies;
