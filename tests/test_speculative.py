@@ -47,16 +47,21 @@ def test_ngram_index_drafts_what_followed_the_newest_earlier_occurrence() -> Non
     assert NgramIndex(max_n=3).draft(4) == []
 
 
-def test_draft_length_pauses_after_fruitless_drafts_and_resumes_on_success() -> None:
+def test_draft_length_follows_acceptance_and_pauses_after_fruitless_drafts() -> None:
     length = DraftLength(max_k=8, pause_after=3)
+    assert length.k() == 4
+    length.observe(4, 4)  # all accepted: longer
+    assert length.k() == 6
+    length.observe(6, 2)  # some: one more than were accepted
+    assert length.k() == 3
     for _ in range(3):
-        assert length.k() == 8
-        length.observe(8, 0)
-    assert [length.k() for _ in range(4)] == [0, 0, 0, 0]
-    assert length.k() == 8
-    length.observe(8, 5)
-    assert (length.drafted, length.accepted) == (32, 5)
-    assert length.k() == 8
+        length.observe(length.k(), 0)
+    assert length.k() == 0, "three fruitless steps in a row pause drafting"
+    assert [length.k() for _ in range(3)] == [0, 0, 0]
+    assert length.k() == 1
+    length.observe(1, 1)
+    assert length.k() == 3
+    assert (length.drafted, length.accepted) == (4 + 6 + 3 + 1 + 1 + 1, 4 + 2 + 1)
 
 
 # ---- on the real server ----

@@ -56,30 +56,41 @@ class NgramIndex:
 
 @dataclass
 class DraftLength:
-    """How many tokens a request drafts: ``max_k`` while drafts are accepted; after a run of steps where
-    nothing was accepted, none for a while (a cool-down that doubles each time, up to ``max_pause`` steps), so
-    free-form text that prompt lookup cannot predict costs almost nothing."""
+    """How many tokens a request drafts next. Like transformers' assisted generation: the length grows by 2
+    after a step whose drafts were all accepted and falls to one more than were accepted otherwise, within
+    [1, ``max_k``]; so a stream that copies its input drafts long runs and one that does not drafts one token,
+    whose verification costs little beside the token the step computes anyway. After ``pause_after``
+    steps in a row where nothing was accepted it drafts nothing for a while (a cool-down that doubles each
+    time, up to ``max_pause`` steps)."""
 
     max_k: int
     pause_after: int = 3  # fruitless drafting steps in a row before pausing
     max_pause: int = 64
+    current: int = 0
     _fruitless: int = 0
     _pause: int = 0
     _next_pause: int = 4
     drafted: int = 0
     accepted: int = 0
 
+    def __post_init__(self) -> None:
+        self.current = self.current or max(1, self.max_k // 2)
+
     def k(self) -> int:
         if self._pause > 0:
             self._pause -= 1
             return 0
-        return self.max_k
+        return self.current
 
     def observe(self, drafted: int, accepted: int) -> None:
         if drafted == 0:
             return
         self.drafted += drafted
         self.accepted += accepted
+        if accepted == drafted:
+            self.current = min(self.max_k, self.current + 2)
+        else:
+            self.current = max(1, min(self.max_k, accepted + 1))
         if accepted:
             self._fruitless = 0
             self._next_pause = 4
