@@ -7,6 +7,7 @@ flox/) on purpose and show the same check failing."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import httpx
 import kubernetes_validate
@@ -129,7 +131,9 @@ def check_settings_in_one_place(overlay: Docs, settings: dict[str, str]) -> None
     env = {e["name"] for e in container(overlay).get("env", [])}
     known = {name.upper() for name in Settings.model_fields}
     assert not env & known, f"server settings in the Deployment, not the manifest: {sorted(env & known)}"
-    Settings(**{k.lower(): v for k, v in settings.items() if k in known and k != "MODEL_PATH"})
+    # As the server reads them: from the environment Flox exports (JSON lists such as ALLOWED_HOSTS included).
+    with mock.patch.dict(os.environ, {k: v for k, v in settings.items() if k in known and k != "MODEL_PATH"}):
+        Settings()
 
 
 def check_autoscaling(overlay: Docs, adapter_values: dict[str, Any]) -> None:

@@ -139,7 +139,10 @@ def test_fifty_streaming_clients_drop_and_everything_is_freed(tmp_path_factory: 
             wait_idle(c, timeout=20)
             storm(server.url)
             wait_idle(c, timeout=20)
-            assert metric(c, "llama_kv_cache_tokens") == 0  # cancelled requests gave back their KV cells
+            # Cancelled requests leave their slots free; each slot keeps only its last request's cells for reuse
+            # (a short prompt and the few tokens made before the drop was noticed), not 100 requests' worth.
+            assert metric(c, "llama_slots_busy") == 0
+            assert metric(c, "llama_kv_cache_tokens") <= 4 * 64
             assert c.post("/generate", json={"prompt": "Calm again", "max_length": 4}).status_code == 200
             cancelled = sum(float(line.split()[-1]) for line in c.get("/metrics").text.splitlines()
                             if line.startswith('llama_requests_finished_total{finish_reason="cancelled"}'))
