@@ -47,21 +47,29 @@ def test_ngram_index_drafts_what_followed_the_newest_earlier_occurrence() -> Non
     assert NgramIndex(max_n=3).draft(4) == []
 
 
-def test_draft_length_follows_acceptance_and_pauses_after_fruitless_drafts() -> None:
-    length = DraftLength(max_k=8, pause_after=3)
-    assert length.k() == 4
+def test_draft_length_grows_with_accepted_runs_and_shrinks_after_a_miss() -> None:
+    length = DraftLength(max_k=8)
+    assert length.k(cost=0.5) == 4
     length.observe(4, 4)  # all accepted: longer
-    assert length.k() == 6
-    length.observe(6, 2)  # some: one more than were accepted
-    assert length.k() == 3
+    assert length.k(cost=0.5) == 6
+    length.observe(6, 6)
+    assert length.k(cost=0.5) == 8
+    length.observe(8, 2)  # a miss: one more than were accepted
+    assert length.k(cost=0.5) == 3
+    assert length.acceptance > 0.8
+    assert (length.drafted, length.accepted) == (18, 12)
+
+
+def test_draft_length_stops_drafting_when_drafts_cost_more_than_they_bring_and_probes() -> None:
+    length = DraftLength(max_k=8)
     for _ in range(3):
-        length.observe(length.k(), 0)
-    assert length.k() == 0, "three fruitless steps in a row pause drafting"
-    assert [length.k() for _ in range(3)] == [0, 0, 0]
-    assert length.k() == 1
-    length.observe(1, 1)
-    assert length.k() == 3
-    assert (length.drafted, length.accepted) == (4 + 6 + 3 + 1 + 1 + 1, 4 + 2 + 1)
+        length.observe(2, 1)  # half the drafts accepted
+    assert 0.4 < length.acceptance < 0.6
+    assert length.k(cost=0.05) > 0, "cheap verification: worth drafting"
+    ks = [length.k(cost=0.8) for _ in range(8)]
+    assert ks == [0, 0, 0, 1, 0, 0, 0, 1], ks
+    length.observe(1, 0)  # a failed probe: the next one comes later
+    assert [length.k(cost=0.8) for _ in range(8)] == [0] * 7 + [1]
 
 
 # ---- on the real server ----

@@ -443,8 +443,11 @@ class Engine:
             if a is not None and not a.prefilling:
                 outputs.append((slot, batch.add_one(a.last_token, a.n_past, slot.seq_id)))
                 added.append((slot, [a.last_token]))
-        n_decode = len(added) + self._add_drafts(batch, [slot for slot, _ in added])
-        room = self._budget.tokens(batch.free) if n_decode else batch.free
+        n_decode = len(added)
+        n_drafts = self._add_drafts(batch, [slot for slot, _ in added])
+        # Drafts lengthen the step like prompt tokens do: they come out of the prompts' budget (which still
+        # advances a prompt by at least one token).
+        room = max(min(1, batch.free), self._budget.tokens(batch.free) - n_drafts) if n_decode else batch.free
         prefilling = []
         for slot in sorted((s for s in self._slots if s.active and s.active.prefilling),
                            key=lambda s: s.active.handle.arrived):  # type: ignore[union-attr]
@@ -477,6 +480,7 @@ class Engine:
         if not done:
             self._aborted(added)
             return
+        # Drafts cost what prompt tokens cost: extra tokens in the step.
         self._budget.observe(time.perf_counter() - started, n_decode, batch.n_tokens - n_decode)
         self.metrics.decode_steps.inc()
         for slot, tokens in added:
@@ -491,6 +495,13 @@ class Engine:
                 if slot.active is not None:
                     self._finish(slot, FinishReason.ERROR, error=f"sampling failed: {exc}", drop_cache=True)
 
+    def _draft_cost(self) -> float:
+        """What one more token adds to a decode step, in decode steps (the prefill budget's measurements)."""
+        b = self._budget
+        if b.decode_s and b.per_token_s:
+            return b.per_token_s / b.decode_s
+        return 0.5  # until measured: the embedded model on 2 cores
+
     def _add_drafts(self, batch: Batch, decoding: list[_Slot]) -> int:
         """Put the drafts of the speculating streams into the batch, after their last tokens, with logits for
         each (so the step verifies them); returns how many. Each stream drafts at most DRAFT_MAX, and all of them
@@ -503,7 +514,8 @@ class Engine:
             if a.draft_len is None:
                 continue
             # Room left in the request (the token sampled from the last draft is generated too) and in the slot.
-            k = min(a.draft_len.k(), a.handle.request.max_tokens - a.n_generated - 1, self.slot_ctx - a.n_past - 2)
+            k = min(a.draft_len.k(self._draft_cost()), a.handle.request.max_tokens - a.n_generated - 1,
+                    self.slot_ctx - a.n_past - 2)
             if k > 0:
                 wants[slot] = k
         if not wants:

@@ -56,51 +56,60 @@ class NgramIndex:
 
 @dataclass
 class DraftLength:
-    """How many tokens a request drafts next. Like transformers' assisted generation: the length grows by 2
-    after a step whose drafts were all accepted and falls to one more than were accepted otherwise, within
-    [1, ``max_k``]; so a stream that copies its input drafts long runs and one that does not drafts one token,
-    whose verification costs little beside the token the step computes anyway. After ``pause_after``
-    steps in a row where nothing was accepted it drafts nothing for a while (a cool-down that doubles each
-    time, up to ``max_pause`` steps)."""
+    """How many tokens a request drafts next.
+
+    The length follows the drafts' fate, as in transformers' assisted generation: 2 more after a step whose
+    drafts were all accepted (copied spans come in runs), one more than were accepted otherwise, within
+    [1, ``max_k``]. Whether to draft at all follows the cost: a draft accepted with probability ``a`` is worth
+    its verification only when ``a`` exceeds ``cost``, what one more token adds to a step in decode steps
+    (measured by the engine: near 0 for a large model, whose steps are bound by reading the weights; about
+    0.6 for the embedded 135M model on 2 cores). Below that the request does not draft, and tries one token now
+    and then (a probe whose interval doubles while it fails, up to ``max_probe`` steps) in case the text turned
+    predictable.
+    """
 
     max_k: int
-    pause_after: int = 3  # fruitless drafting steps in a row before pausing
-    max_pause: int = 64
+    decay: float = 0.8  # weight of the past in the acceptance estimate (about the last 5 drafting steps)
+    max_probe: int = 64
     current: int = 0
-    _fruitless: int = 0
-    _pause: int = 0
-    _next_pause: int = 4
+    # Decayed counts of accepted drafts and of misses; the prior (2 to 1) lets a new request try drafting.
+    _accepted_w: float = 2.0
+    _missed_w: float = 1.0
+    _idle: int = 0
+    _probe_every: int = 4
     drafted: int = 0
     accepted: int = 0
 
     def __post_init__(self) -> None:
-        self.current = self.current or max(1, self.max_k // 2)
+        self.current = self.current or min(self.max_k, 4)
 
-    def k(self) -> int:
-        if self._pause > 0:
-            self._pause -= 1
-            return 0
-        return self.current
+    @property
+    def acceptance(self) -> float:
+        """The estimated probability that a drafted token is accepted."""
+        return self._accepted_w / (self._accepted_w + self._missed_w)
+
+    def k(self, cost: float) -> int:
+        if self.acceptance > cost + 0.1:  # a margin: a gain within noise is not worth the risk of a loss
+            self._idle = 0
+            return self.current
+        self._idle += 1
+        if self._idle >= self._probe_every:
+            self._idle = 0
+            return 1
+        return 0
 
     def observe(self, drafted: int, accepted: int) -> None:
         if drafted == 0:
             return
         self.drafted += drafted
         self.accepted += accepted
+        self._accepted_w = self.decay * self._accepted_w + accepted
+        self._missed_w = self.decay * self._missed_w + (accepted < drafted)
         if accepted == drafted:
             self.current = min(self.max_k, self.current + 2)
         else:
             self.current = max(1, min(self.max_k, accepted + 1))
         if accepted:
-            self._fruitless = 0
-            self._next_pause = 4
-            return
-        self._fruitless += 1
-        if self._fruitless >= self.pause_after:
-            self._pause = self._next_pause
-            self._next_pause = min(self._next_pause * 2, self.max_pause)
-            self._fruitless = 0
-
-    @property
-    def acceptance(self) -> float | None:
-        return self.accepted / self.drafted if self.drafted else None
+            self._probe_every = 4
+        elif drafted == 1:  # a failed probe: wait longer before the next one
+            self._probe_every = min(2 * self._probe_every, self.max_probe)
