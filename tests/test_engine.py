@@ -76,6 +76,15 @@ def test_measured_budget_makes_a_prefill_step_cost_about_two_decode_steps() -> N
     assert PrefillBudget(fixed=64).tokens(512) == 64
 
 
+def test_a_first_guess_from_a_short_prefill_does_not_unleash_a_long_step() -> None:
+    """A 10-token prompt prefilled alone in 10 ms suggests 1 ms a token; beside a 10 ms decode step that would be a
+    budget of 10, while a prompt token really costs about a decode step here: the budget starts from one token."""
+    budget = PrefillBudget()
+    budget.observe(0.010, n_decode=0, n_prompt=10)
+    budget.observe(0.010, n_decode=1, n_prompt=0)
+    assert budget.tokens(512) <= 2
+
+
 def test_parallel_above_batch_size_is_refused() -> None:
     with pytest.raises(ValidationError, match="parallel 40 is more than batch_size 32"):
         Settings(parallel=40, batch_size=32)

@@ -92,7 +92,7 @@ class PrefillBudget:
     """
 
     fixed: int = 0
-    initial: int = 16
+    initial: int = 1  # until both costs are measured
     alpha: float = 0.2  # weight of the newest step in the averages
     decode_s: float | None = None  # a step of generating streams alone
     per_token_s: float | None = None  # what each prompt token adds to such a step
@@ -108,8 +108,9 @@ class PrefillBudget:
             n = self.initial
         else:
             n = round(self.decode_s / self.per_token_s)
-            if self.last:
-                n = min(n, 2 * self.last)  # grow gradually: one noisy step must not unleash a long one
+            # Grow gradually, from one token: neither one noisy step nor the first guess (from a prefill alone,
+            # whose fixed costs hide what a token adds) may unleash a long step beside the streams.
+            n = min(n, 2 * max(self.last, 1))
         self.last = max(1, min(n, room))
         return self.last
 
