@@ -97,8 +97,8 @@ class Settings(BaseSettings):
         default="off",
         description="Speculative decoding by default for every request (a request's 'speculative' field "
         "overrides): 'ngram' drafts from the prompt and text so far (prompt lookup), 'draft' from DRAFT_MODEL_PATH. "
-        "Greedy output is the same (but for near-ties, which batched kernels round differently); it pays on answers that copy their input (rewrites, extraction, "
-        "code edits), and pauses itself while drafts keep failing.",
+        "Greedy output is the same (but for near-ties, which batched kernels round differently); it pays on "
+        "answers that copy their input (rewrites, extraction, code edits), and pauses while drafts keep failing.",
     )
     draft_max: int = Field(default=8, ge=1, le=64, description="Most tokens drafted for one stream in one step.")
     ngram_size: int = Field(
