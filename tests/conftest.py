@@ -14,8 +14,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import openai
 import pytest
 from fastapi.testclient import TestClient
+from llama_cpp import Llama
 
 from convert.safetensors_io import write_safetensors
 from server.app import create_app
@@ -99,6 +101,21 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
 def http(live_server: LiveServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=live_server.url, timeout=60.0) as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+def client(live_server: LiveServer) -> Iterator[openai.OpenAI]:
+    """The official OpenAI SDK on the session's server."""
+    with openai.OpenAI(base_url=live_server.url + "/v1", api_key="unused", max_retries=0, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def vocab(model_path: Path) -> Iterator[Llama]:
+    """llama.cpp's own tokenizer of the embedded model (vocabulary only)."""
+    llm = Llama(str(model_path), vocab_only=True, verbose=False)
+    yield llm
+    llm.close()
 
 
 @pytest.fixture

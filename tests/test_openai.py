@@ -30,13 +30,6 @@ def client(live_server: LiveServer) -> Iterator[openai.OpenAI]:
         yield c
 
 
-@pytest.fixture(scope="module")
-def vocab(model_path: Path) -> Iterator[Llama]:
-    llm = Llama(str(model_path), vocab_only=True, verbose=False)
-    yield llm
-    llm.close()
-
-
 def test_models_list_names_the_served_model(client: openai.OpenAI) -> None:
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]

@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import jsonschema
@@ -16,8 +14,6 @@ import openai
 import pytest
 from llama_cpp import Llama
 from pydantic import BaseModel, Field
-
-from tests.conftest import LiveServer
 
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
 
@@ -35,19 +31,6 @@ PROMPTS = [
     "What do you know about Nairobi?",
     "Name a city in Brazil.",
 ]
-
-
-@pytest.fixture(scope="module")
-def client(live_server: LiveServer) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=live_server.url + "/v1", api_key="unused", max_retries=0, timeout=120) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def vocab(model_path: Path) -> Iterator[Llama]:
-    llm = Llama(str(model_path), vocab_only=True, verbose=False)
-    yield llm
-    llm.close()
 
 
 def test_parse_with_a_pydantic_model_succeeds_20_of_20(client: openai.OpenAI) -> None:

@@ -16,7 +16,6 @@ from server.chat import ChatFormatter, ChatTemplateError
 from server.engine.llama import LlamaModel
 from server.openai_protocol import ChatCompletionRequest
 from server.tools import call_grammar, parse_calls, template_messages, template_tools
-from tests.conftest import LiveServer
 
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
 WEATHER = {
@@ -44,12 +43,6 @@ HISTORY = [
          "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
     {"role": "tool", "tool_call_id": "call_1", "content": "31 degrees and sunny, says the zorblax station"},
 ]
-
-
-@pytest.fixture(scope="module")
-def client(live_server: LiveServer) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=live_server.url + "/v1", api_key="unused", max_retries=0, timeout=120) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
