@@ -85,6 +85,9 @@ class SamplingFields(BaseModel):
         default=1.0, gt=0.0, le=10.0, validation_alias=AliasChoices("repetition_penalty", "repeat_penalty"),
         description="Multiplicative penalty on tokens already in the context (1.0 is off); also `repeat_penalty`.")
     response_format: ResponseFormat | None = None
+    ignore_eos: bool = Field(
+        default=False, description="Generate max_tokens even past end-of-generation tokens (benchmarks); as in "
+        "vLLM and llama-server.")
     speculative: bool | None = Field(
         default=None, description="This server's extra: speculative decoding for this request (greedy output is "
         "the same); unset follows the server's SPECULATIVE setting.")

@@ -155,7 +155,8 @@ async def _submit(service: GenerationService, body: SamplingFields, prompt: str 
     request_id = service.new_id(prefix)
     first = await service.build(prompt, max_tokens=max_tokens, sampling=sampling, stop=body.stop_strings(),
                                 request_id=request_id, max_tokens_param="max_tokens", grammar_param=grammar_param,
-                                speculative=body.speculative, **options)
+                                speculative=body.speculative, ignore_eos=body.ignore_eos,
+                                **options)
     requests = [first] + [
         dataclasses.replace(first, sampling=dataclasses.replace(
             sampling, seed=None if sampling.seed is None else (sampling.seed + i) % (2**32 - 1)))

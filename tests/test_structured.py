@@ -196,6 +196,18 @@ def test_logit_bias_minus_100_keeps_a_token_out(client: openai.OpenAI, vocab: Ll
     assert outside.value.param == "logit_bias"
 
 
+def test_ignore_eos_generates_max_tokens_past_end_of_generation(client: openai.OpenAI, vocab: Llama) -> None:
+    eos = vocab.token_eos()
+    bias = {str(eos): 100}  # end-of-generation is the likeliest token at every step
+    stopped = client.completions.create(model=MODEL, prompt="Hello", max_tokens=8, temperature=0, logit_bias=bias)
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.usage is not None and stopped.usage.completion_tokens <= 1
+    kept = client.completions.create(model=MODEL, prompt="Hello", max_tokens=8, temperature=0, logit_bias=bias,
+                                     extra_body={"ignore_eos": True})
+    assert kept.choices[0].finish_reason == "length"
+    assert kept.usage is not None and kept.usage.completion_tokens == 8
+
+
 def test_top_logprobs_are_consistent_with_greedy_choice(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=12,
