@@ -20,8 +20,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallable, Scope
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.flow_control import service_unavailable
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
 log = logging.getLogger(__name__)
@@ -44,8 +46,19 @@ def _response(status: int, reason: str, message: str, code: str) -> bytes:
     return head + body
 
 
+async def _over_capacity(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+    """uvicorn's answer past ``limit_concurrency``, in the server's error envelope instead of plain text."""
+    body = json.dumps({"error": {"message": "the server has too many connections open; retry shortly",
+                                 "type": "service_unavailable", "param": None, "code": "over_capacity"}}).encode()
+    await send({"type": "http.response.start", "status": 503, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"retry-after", b"5"), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a header size limit and header/body read deadlines."""
+    """uvicorn's httptools protocol with a header size limit and header/body read deadlines, and its
+    over-capacity 503 (``limit_concurrency``) answered in the server's JSON error envelope."""
 
     def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
                  _loop: asyncio.AbstractEventLoop | None = None, *, limits: HttpLimits) -> None:
@@ -139,6 +152,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = False
         self._arm(self.limits.body_timeout_s, self._body_timed_out)
         super().on_headers_complete()
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        super()._start_asgi_task(cycle, _over_capacity if app is service_unavailable else app)
 
     def on_message_complete(self) -> None:
         self._in_head = True

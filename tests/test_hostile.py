@@ -499,3 +499,23 @@ def test_connections_past_the_limit_get_503_and_the_limit_frees_up(tmp_path: Pat
         assert httpx.get(srv.url + "/health", timeout=10).status_code == 200
     finally:
         stop_server(srv)
+
+
+def test_connections_past_limit_concurrency_get_the_json_envelope(tmp_path: Path) -> None:
+    """uvicorn answers past LIMIT_CONCURRENCY itself; the answer still is the server's error envelope."""
+    srv = start_server(tmp_path, env={"LIMIT_CONCURRENCY": "3"})
+    try:
+        idle = [_connect(srv) for _ in range(3)]  # open connections count against the limit
+        time.sleep(0.2)
+        refused = httpx.get(srv.url + "/health", timeout=10)
+        for sock in idle:
+            sock.close()
+        assert refused.status_code == 503
+        assert refused.headers["content-type"] == "application/json" and refused.headers["retry-after"] == "5"
+        assert refused.json()["error"]["code"] == "over_capacity"
+        deadline = time.monotonic() + 5
+        while httpx.get(srv.url + "/health", timeout=10).status_code != 200:  # closed connections free the room
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        assert stop_server(srv) == 0
