@@ -135,7 +135,9 @@ def test_generate_refuses_a_bad_grammar(http: httpx.Client) -> None:
 def test_a_grammar_that_allows_no_token_fails_the_request_not_the_server(http: httpx.Client) -> None:
     # Accepting a token the grammar refuses aborts the process inside llama.cpp; the sampler stops first.
     out = http.post("/generate", json={"prompt": "x", "max_length": 3, "grammar": r"root ::= [^\x00-\U0010FFFF]"})
-    assert out.status_code == 500 and "grammar allows no token" in out.json()["error"]["message"]
+    assert out.status_code == 400 and "grammar allows no token" in out.json()["error"]["message"]
+    assert out.json()["error"]["code"] == "invalid_grammar"
+    assert out.json()["error"]["type"] == "invalid_request_error"
     assert http.post("/generate", json={"prompt": "x", "max_length": 2}).status_code == 200
 
 

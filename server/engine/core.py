@@ -25,7 +25,7 @@ from enum import StrEnum
 
 from server.engine.draft import DraftModel
 from server.engine.llama import Batch, LlamaContext, LlamaError, LlamaModel, ModelInfo, system_info
-from server.engine.sampling import Sampler
+from server.engine.sampling import GrammarDeadEnd, Sampler
 from server.engine.scheduling import COPY_MIN_TOKENS, PrefillBudget, best_donor, choose_slot
 from server.engine.speculative import DraftLength, NgramIndex
 from server.engine.text import TextStream
@@ -490,6 +490,10 @@ class Engine:
         for slot, index in outputs:
             try:
                 self._sampled(slot, index)
+            except GrammarDeadEnd as exc:  # the request's own grammar (and bias) allow nothing: its error
+                if slot.active is not None:
+                    self._finish(slot, FinishReason.ERROR, error=f"sampling failed: {exc}", status=400,
+                                 code="invalid_grammar")
             except Exception as exc:  # one request's failure must not stop the others
                 log.exception("sampling failed for %s", slot.active.handle.request.request_id if slot.active else "?")
                 if slot.active is not None:
@@ -601,7 +605,7 @@ class Engine:
 
     def _finish(
         self, slot: _Slot, reason: FinishReason, *, error: str | None = None, drop_cache: bool = False,
-        status: int = 500,
+        status: int = 500, code: str | None = None,
     ) -> None:
         a = slot.active
         assert a is not None
@@ -619,7 +623,7 @@ class Engine:
         self.metrics.generated_tokens.inc(a.n_generated)
         if error is not None:
             a.handle.publish(ErrorEvent(message=error, status=status,
-                                        code="shutting_down" if status == 503 else "server_error"))
+                                        code=code or ("shutting_down" if status == 503 else "server_error")))
             return
         tail = a.text.flush()
         if tail:

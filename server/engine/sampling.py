@@ -15,6 +15,10 @@ GRAMMAR_SHORTLIST = 256  # tokens a grammar checks first when the sampled token 
 GENERATED_PENALTY_WINDOW = 4096
 
 
+class GrammarDeadEnd(ValueError):
+    """The grammar allows no token (of those logit_bias leaves in): the request's input cannot be satisfied."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick the next token. ``temperature == 0`` is greedy decoding."""
@@ -164,7 +168,7 @@ class Sampler:
             token = self._resample(self._logits(ctx, batch_index) if logits is None else logits)
             if not self._allows(token):
                 # Accepting it would abort the process inside llama.cpp: fail this request instead.
-                raise ValueError("the grammar allows no token here that logit_bias leaves in")
+                raise GrammarDeadEnd("the grammar allows no token here that logit_bias leaves in")
         llama_cpp.llama_sampler_accept(self._grammar, token)
         if not self._stateless:
             llama_cpp.llama_sampler_accept(self._ptr, token)

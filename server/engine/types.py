@@ -80,7 +80,9 @@ class ErrorEvent:
     @property
     def type(self) -> str:
         """The error envelope's ``type``."""
-        return "service_unavailable" if self.status == 503 else "server_error"
+        if self.status == 503:
+            return "service_unavailable"
+        return "invalid_request_error" if 400 <= self.status < 500 else "server_error"
 
 
 Event = TokenEvent | FinalEvent | ErrorEvent
