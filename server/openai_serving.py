@@ -21,7 +21,7 @@ from sse_starlette import ServerSentEvent
 from server.engine.llama import LlamaModel
 from server.engine.sampling import SamplingParams
 from server.engine.scheduling import COPY_MIN_TOKENS
-from server.engine.types import FinalEvent, FinishReason, GenerationRequest, RequestHandle, TokenEvent
+from server.engine.types import Event, FinalEvent, FinishReason, GenerationRequest, RequestHandle, TokenEvent
 from server.errors import APIError, ErrorDetail, ErrorResponse, bad_request, unavailable
 from server.grammar import SchemaError
 from server.openai_protocol import (
@@ -223,18 +223,8 @@ async def serve_completion(service: GenerationService, body: CompletionRequest, 
     logprobs = Logprobs(model) if body.logprobs is not None else None
     request_id = choices.requests[0].request_id
     if body.stream:
-        finals: list[FinalEvent] = []
-
-        def usage_chunk() -> str:
-            return Completion(id=request_id, created=created, model=service.model_name, choices=[],
-                              usage=_usage(finals)).model_dump_json()
-
-        def stream(i: int, handle: RequestHandle) -> AsyncIterator[ServerSentEvent]:
-            ready = choices.first_ready if i == 0 else None
-            return _completion_stream(service, handle, i, created, fields, logprobs, finals, ready)
-
-        return TokenEventSourceResponse(_merged(choices, stream, finals,
-                                                usage_chunk if body.include_usage else None))
+        return _streamed(service, choices, body, Completion, created, lambda i, handle, ready, finals:
+                         _completion_stream(service, handle, i, created, fields, logprobs, finals, ready))
     results = await _collect(service, choices, http_request, fields)
     if results is None:
         return Response(status_code=CLIENT_CLOSED)
@@ -277,6 +267,27 @@ async def _completion_stream(service: GenerationService, handle: RequestHandle, 
             yield ServerSentEvent(data=chunk("", _finish(event)))
         else:
             yield _error_event(event)
+
+
+_ChoiceStream = Callable[[int, RequestHandle, asyncio.Event | None, list[FinalEvent]], AsyncIterator[ServerSentEvent]]
+
+
+def _streamed(service: GenerationService, choices: _Choices, body: SamplingFields,
+              chunk_type: type[Completion] | type[ChatCompletionChunk], created: int,
+              choice_stream: _ChoiceStream) -> TokenEventSourceResponse:
+    """The SSE response of a streamed request: each choice's chunks from ``choice_stream(i, handle, ready,
+    finals)`` (``ready`` is set at choice 0's first event), then a usage chunk of ``chunk_type`` when asked."""
+    finals: list[FinalEvent] = []
+    request_id = choices.requests[0].request_id
+
+    def usage_chunk() -> str:
+        return chunk_type(id=request_id, created=created, model=service.model_name, choices=[],
+                          usage=_usage(finals)).model_dump_json()
+
+    def stream(i: int, handle: RequestHandle) -> AsyncIterator[ServerSentEvent]:
+        return choice_stream(i, handle, choices.first_ready if i == 0 else None, finals)
+
+    return TokenEventSourceResponse(_merged(choices, stream, finals, usage_chunk if body.include_usage else None))
 
 
 async def _merged(choices: _Choices, stream: Callable[[int, RequestHandle], AsyncIterator[ServerSentEvent]],
@@ -380,18 +391,8 @@ async def serve_chat(service: GenerationService, body: ChatCompletionRequest, ht
     logprobs = Logprobs(model) if body.logprobs else None
     request_id = choices.requests[0].request_id
     if body.stream:
-        finals: list[FinalEvent] = []
-
-        def usage_chunk() -> str:
-            return ChatCompletionChunk(id=request_id, created=created, model=service.model_name, choices=[],
-                                       usage=_usage(finals)).model_dump_json()
-
-        def stream(i: int, handle: RequestHandle) -> AsyncIterator[ServerSentEvent]:
-            ready = choices.first_ready if i == 0 else None
-            return _ChatStream(service, handle, i, body, plan, created, logprobs, ready).events(fields, finals)
-
-        return TokenEventSourceResponse(_merged(choices, stream, finals,
-                                                usage_chunk if body.include_usage else None))
+        return _streamed(service, choices, body, ChatCompletionChunk, created, lambda i, handle, ready, finals:
+                         _ChatStream(service, handle, i, body, plan, created, logprobs, ready).events(fields, finals))
     results = await _collect(service, choices, http_request, fields)
     if results is None:
         return Response(status_code=CLIENT_CLOSED)
@@ -487,14 +488,8 @@ class _ChatStream:
             return
         holding: bool | None = None if self.plan.parse_tools else False
         held = ""
-        async for event in self.service.stream(self.handle, fields):
-            if self.ready is not None:
-                self.ready.set()
+        async for event in self._events(fields):
             if isinstance(event, TokenEvent):
-                if event.logprob is not None:
-                    self.pending.append(event)
-                if not event.text:
-                    continue
                 if holding is not False:
                     held += event.text
                     if holding is None:
@@ -516,6 +511,19 @@ class _ChatStream:
             else:
                 yield _error_event(event)
 
+    async def _events(self, fields: dict[str, object]) -> AsyncIterator[Event]:
+        """The choice's events: ``ready`` set at the first, tokens with logprobs kept in ``pending`` for the next
+        chunk, tokens without text (a character still incomplete) not passed on."""
+        async for event in self.service.stream(self.handle, fields):
+            if self.ready is not None:
+                self.ready.set()
+            if isinstance(event, TokenEvent):
+                if event.logprob is not None:
+                    self.pending.append(event)
+                if not event.text:
+                    continue
+            yield event
+
     async def _forced_call(self, fields: dict[str, object], finals: list[FinalEvent]
                            ) -> AsyncIterator[ServerSentEvent]:
         scanner = _ArgumentsScanner()
@@ -528,14 +536,8 @@ class _ChatStream:
                                       function=FunctionCallDelta(name=scanner.name, arguments=arguments))
             return self._chunk(ChatDelta(tool_calls=[delta]))
 
-        async for event in self.service.stream(self.handle, fields):
-            if self.ready is not None:
-                self.ready.set()
+        async for event in self._events(fields):
             if isinstance(event, TokenEvent):
-                if event.logprob is not None:
-                    self.pending.append(event)
-                if not event.text:
-                    continue
                 known = scanner.name is not None
                 arguments = scanner.push(event.text)
                 if scanner.name is not None and not known:
