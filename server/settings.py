@@ -91,6 +91,12 @@ class Settings(BaseSettings):
         "q8_0 when an f16 cache would take more than 1 GiB (LLaMA 2 7B at 4096 tokens), else f16.",
     )
     flash_attn: bool = Field(default=True, description="Flash attention (llama.cpp's CPU kernel; less memory).")
+    kv_unified: bool = Field(
+        default=False,
+        description="One KV cache shared by all slots (llama-server's default) instead of one per slot: a step is "
+        "one micro-batch, and a prompt prefix another slot holds is shared without copying. Each slot still uses "
+        "at most ctx_size / parallel tokens.",
+    )
 
     # Speculative decoding
     speculative: Literal["off", "ngram", "draft"] = Field(

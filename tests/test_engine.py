@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from server.engine.scheduling import PrefillBudget, choose_slot
+from server.engine.scheduling import COPY_MIN_TOKENS, PrefillBudget, choose_slot
 from server.settings import Settings
 from tests.conftest import REPO, LiveServer, free_port, start_server, stop_server, wait_until_ready
 
@@ -74,6 +75,17 @@ def test_measured_budget_makes_a_prefill_step_cost_about_two_decode_steps() -> N
     assert budget.tokens(4) == 4  # never more than the batch has room for
     assert budget.tokens(0) == 0  # the generating streams filled the batch
     assert PrefillBudget(fixed=64).tokens(512) == 64
+
+
+def test_budget_never_lets_a_step_pass_two_decode_steps() -> None:
+    """The 7B shape on 2 cores: a prompt token beside a stream costs 0.6 of a decode step. Two of them would make
+    the stream's gap 2.2x; one keeps it at 1.6x."""
+    budget = PrefillBudget()
+    for _ in range(20):
+        budget.observe(0.263, n_decode=1, n_prompt=0)
+        budget.observe(0.263 + budget.last * 0.158, n_decode=1, n_prompt=budget.last)
+        budget.tokens(512)
+    assert budget.tokens(512) == 1
 
 
 def test_a_first_guess_from_a_short_prefill_does_not_unleash_a_long_step() -> None:
@@ -313,3 +325,38 @@ def test_a_hung_engine_fails_health_after_the_watchdog_timeout(tmp_path: Path) -
     error = resp.json()["error"]
     assert error["code"] == "engine_failed"
     assert "no progress" in error["message"] and "(1 requests in flight)" in error["message"]
+
+
+# ---- one KV cache shared by the slots (KV_UNIFIED) ----
+
+SHORT_PREFIX = "Answer briefly about the sea.\n"  # a shared prefix far below COPY_MIN_TOKENS
+
+
+def test_unified_cache_shares_short_prefixes_bounds_each_slot_and_keeps_greedy_text(
+        server: LiveServer, tmp_path: Path) -> None:
+    unified = start_server(tmp_path, "--parallel", "4", "--n-threads", "1", "--ctx-size", "2048",
+                           env={"KV_UNIFIED": "true"})
+    prompts = [SHORT_PREFIX + q for q in ("What is a tide?", "Why are waves white?", "What is a reef?",
+                                          "How deep is the ocean?")]
+    try:
+        with httpx.Client(base_url=unified.url, timeout=60) as client, \
+                httpx.Client(base_url=server.url, timeout=60) as per_slot:
+            prefix_tokens = len(client.post("/tokenize", json={"content": SHORT_PREFIX}).json()["tokens"])
+            assert 1 < prefix_tokens < COPY_MIN_TOKENS
+            first = generate(client, prompts[0])
+            assert first["usage"]["cached_tokens"] == 0
+            # The next prompt takes an empty slot and shares the prefix's cells with the first one's slot.
+            second = generate(client, prompts[1])
+            assert second["usage"]["cached_tokens"] >= prefix_tokens - 1, second["usage"]
+            # Batched in one micro-batch, the streams give the text a cache per slot gives (every prompt computed
+            # whole on both sides, so that only the cache's layout differs).
+            with ThreadPoolExecutor(4) as pool:
+                together = list(pool.map(lambda p: generate(client, p, cache_prompt=False)["text"], prompts))
+            assert together == [generate(per_slot, p, cache_prompt=False)["text"] for p in prompts]
+            # Each slot may use its share of the one cache (2048 / 4 tokens), as with a cache per slot.
+            too_long = client.post("/generate", json={"prompt": "sea " * 600, "max_length": 1})
+            assert too_long.status_code == 400
+            assert too_long.json()["error"]["code"] == "context_length_exceeded"
+            assert "holds 512 tokens" in too_long.json()["error"]["message"]
+    finally:
+        assert stop_server(unified) == 0

@@ -165,9 +165,12 @@ class Engine:
 
     @property
     def slot_ctx(self) -> int:
-        """Tokens of context one request may use: llama.cpp's cells per sequence once the context exists."""
+        """Tokens of context one request may use: llama.cpp's cells per sequence once the context exists (in a
+        unified cache, which any sequence could fill, its share)."""
         ctx = getattr(self, "_ctx", None)
-        return ctx.n_ctx_seq if ctx is not None else self.settings.slot_ctx
+        if ctx is None:
+            return self.settings.slot_ctx
+        return ctx.n_ctx // self.settings.parallel if ctx.kv_unified else ctx.n_ctx_seq
 
     def health_problem(self) -> str | None:
         """Why the engine cannot serve any more (None while it can, or is still loading): its thread ended,
@@ -298,6 +301,7 @@ class Engine:
             n_threads_batch=s.threads_batch,
             flash_attn=s.flash_attn,
             cache_type=self.cache_type,
+            kv_unified=s.kv_unified,
         )
         self._batch = Batch(s.batch_size)
         self._bind_metrics(self._ctx.n_ctx)  # llama.cpp rounds each sequence's cells up (to 256)
@@ -381,9 +385,11 @@ class Engine:
         if handle.request.cache_prompt and self._partial_reuse:
             # A new conversation whose system prompt another slot holds starts from a copy of those cells.
             donor, n = best_donor(self._slots, prompt, scope)
-            if donor is not None and donor is not slot and n >= shared + COPY_MIN_TOKENS:
-                self._ctx.seq_copy(donor.seq_id, slot.seq_id)
-                slot.tokens = list(donor.tokens)
+            # Sharing cells of a unified cache costs nothing; copying a KV stream pays only for long prefixes.
+            copy_min = 1 if self._ctx.kv_unified else COPY_MIN_TOKENS
+            if donor is not None and donor is not slot and n >= shared + copy_min:
+                self._ctx.seq_copy(donor.seq_id, slot.seq_id, n)
+                slot.tokens = list(donor.tokens)  # cut back to the shared prefix below
                 shared = n
         # At least one prompt token is always decoded, to get logits for the first sample.
         keep = self._cut_back(slot, min(shared, len(prompt) - 1))

@@ -195,7 +195,8 @@ CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0,
 
 
 class LlamaContext:
-    """A llama.cpp context: the KV cache of ``n_seq_max`` sequences, one stream each."""
+    """A llama.cpp context: the KV cache of ``n_seq_max`` sequences, one stream each, or one cache they share
+    (``kv_unified``)."""
 
     def __init__(
         self,
@@ -208,6 +209,7 @@ class LlamaContext:
         n_threads_batch: int,
         flash_attn: bool = True,
         cache_type: str = "f16",
+        kv_unified: bool = False,
     ) -> None:
         params = llama_cpp.llama_context_default_params()
         params.type_k = params.type_v = CACHE_TYPES[cache_type]
@@ -217,9 +219,11 @@ class LlamaContext:
         params.n_seq_max = n_seq_max
         params.n_threads = n_threads
         params.n_threads_batch = n_threads_batch
-        # One KV stream per slot (n_ctx / n_seq_max cells each): a sequence attends only over its own cells,
-        # not over the cached prefixes other slots keep for reuse (+10-15% aggregate at 4 and 8 clients).
-        params.kv_unified = False
+        # One KV stream per slot (n_ctx / n_seq_max cells each): a sequence attends only over its own cells, but
+        # llama.cpp splits a step into micro-batches of equal length per sequence. Unified: one cache, one
+        # micro-batch a step, and sequences share cells (a copied prefix is not duplicated).
+        params.kv_unified = kv_unified
+        self.kv_unified = kv_unified
         params.no_perf = True
         params.flash_attn_type = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
@@ -260,10 +264,16 @@ class LlamaContext:
         cannot remove part of a sequence (recurrent state); removing all of it always works."""
         return bool(llama_cpp.llama_memory_seq_rm(self.memory, seq_id, p0, p1))
 
-    def seq_copy(self, src: int, dst: int) -> None:
-        """Make ``dst`` a copy of all of ``src``. With one KV stream per sequence llama.cpp copies the whole
-        stream's buffers (only whole copies are supported), at the start of the next decode."""
-        llama_cpp.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+    def seq_copy(self, src: int, dst: int, n: int) -> None:
+        """Make ``dst`` hold the first ``n`` cells of ``src`` (and nothing of its own). With one KV stream per
+        sequence llama.cpp copies the whole stream's buffers at the start of the next decode (only whole copies
+        are supported: the cells past ``n`` come too, for the caller to cut); in a unified cache ``dst`` just
+        shares ``src``'s cells, at no cost."""
+        llama_cpp.llama_memory_seq_rm(self.memory, dst, 0, -1)
+        if self.kv_unified:
+            llama_cpp.llama_memory_seq_cp(self.memory, src, dst, 0, n)
+        else:
+            llama_cpp.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
 
     def seq_pos_min(self, seq_id: int) -> int:
         """The smallest position ``seq_id`` still holds (-1: none); above 0 when a sliding window dropped cells."""
