@@ -48,12 +48,17 @@ class Sample:
     decode_tps: float
 
 
-async def _stream(client: httpx.AsyncClient, kind: str, prompt: str, max_tokens: int) -> Sample:
+async def _stream(client: httpx.AsyncClient, kind: str, prompt: str, max_tokens: int, model: str | None = None,
+                  extra: dict[str, object] | None = None) -> Sample:
     if kind == "native":
         path, body = "/generate", {"prompt": prompt, "max_length": max_tokens, "temperature": 0, "stream": True}
     else:
         path, body = "/v1/completions", {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                                          "stream": True}
+        if model:
+            body["model"] = model
+    body |= extra or {}
+    counted = None  # the server's own count, when it sends usage
     start = time.perf_counter()
     first = last = None
     n = 0
@@ -68,6 +73,8 @@ async def _stream(client: httpx.AsyncClient, kind: str, prompt: str, max_tokens:
                 if not data or data == "[DONE]":
                     continue
                 payload = json.loads(data)
+                if (payload.get("usage") or {}).get("completion_tokens") is not None:
+                    counted = payload["usage"]["completion_tokens"]
                 if kind == "native":
                     has_token = payload.get("type") == "token"
                 else:
@@ -81,11 +88,12 @@ async def _stream(client: httpx.AsyncClient, kind: str, prompt: str, max_tokens:
     end = time.perf_counter()
     first = first or end
     decode = (last or end) - first
+    n = counted if counted is not None else n
     return Sample(tokens=n, ttft_s=first - start, decode_tps=(n - 1) / decode if n > 1 and decode > 0 else 0.0)
 
 
-async def run_level(url: str, kind: str, clients: int, per_client: int,
-                    max_tokens: int) -> tuple[list[Sample], int, float]:
+async def run_level(url: str, kind: str, clients: int, per_client: int, max_tokens: int, model: str | None = None,
+                    extra: dict[str, object] | None = None) -> tuple[list[Sample], int, float]:
     samples: list[Sample] = []
     errors = 0
 
@@ -95,7 +103,7 @@ async def run_level(url: str, kind: str, clients: int, per_client: int,
             topic = TOPICS[(i + j * clients) % len(TOPICS)]
             try:
                 prompt = f"Here is a long story about {topic}.\n\nOnce upon a time,"
-                samples.append(await _stream(client, kind, prompt, max_tokens))
+                samples.append(await _stream(client, kind, prompt, max_tokens, model, extra))
             except httpx.HTTPError:
                 errors += 1
 

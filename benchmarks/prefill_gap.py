@@ -30,20 +30,32 @@ import httpx
 from benchmarks.common import free_port, our_server_cmd, running
 from benchmarks.concurrency import run_level, summarize
 
-STEADY_TOKENS = 40
+STEADY_TOKENS = 30
 
 
-def one_round(url: str, long_prompt: str) -> dict[str, float]:
+def one_round(url: str, long_prompt: str, api: str = "native", model: str = "any") -> dict[str, float]:
+    """A greedy stream, then ``long_prompt`` (one token to generate, not cached) on another connection: the
+    stream's steady gap before it, its worst gap while the prompt was prefilled, and the prompt's TTFT.
+    ``api``: ``native`` (/generate) or ``openai`` (/v1/completions, which llama.cpp's llama-server serves too)."""
     times: list[float] = []
     steady = threading.Event()
     stop = threading.Event()
+    if api == "native":
+        path, marker = "/generate", '"token"'
+        stream_body = {"prompt": "Once upon a time", "max_length": 1500, "temperature": 0, "ignore_eos": True,
+                       "stream": True}
+        long_body = {"prompt": long_prompt, "max_length": 1, "temperature": 0, "cache_prompt": False}
+    else:
+        path, marker = "/v1/completions", '"choices"'
+        stream_body = {"model": model, "prompt": "Once upon a time", "max_tokens": 4000, "temperature": 0,
+                       "ignore_eos": True, "stream": True}
+        long_body = {"model": model, "prompt": long_prompt, "max_tokens": 1, "temperature": 0}
 
     def stream() -> None:
-        body = {"prompt": "Once upon a time", "max_length": 1500, "temperature": 0, "ignore_eos": True,
-                "stream": True}
-        with httpx.Client(base_url=url, timeout=600) as client, client.stream("POST", "/generate", json=body) as r:
+        with httpx.Client(base_url=url, timeout=900) as client, \
+                client.stream("POST", path, json=stream_body) as r:
             for line in r.iter_lines():
-                if line.startswith("data:") and '"token"' in line:
+                if line.startswith("data:") and marker in line:
                     times.append(time.perf_counter())
                     if len(times) == STEADY_TOKENS:
                         steady.set()
@@ -53,15 +65,14 @@ def one_round(url: str, long_prompt: str) -> dict[str, float]:
 
     runner = threading.Thread(target=stream)
     runner.start()
-    steady.wait(600)
+    steady.wait(900)
     t0 = time.perf_counter()
-    with httpx.Client(base_url=url, timeout=600) as client:
-        answer = client.post("/generate", json={"prompt": long_prompt, "max_length": 1, "temperature": 0,
-                                                "cache_prompt": False}).json()
+    with httpx.Client(base_url=url, timeout=900) as client:
+        answer = client.post(path, json=long_body).json()
     t1 = time.perf_counter()
-    time.sleep(0.2)
+    time.sleep(0.5)
     stop.set()
-    runner.join(600)
+    runner.join(900)
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
     before = [b - a for a, b in zip(times, times[1:], strict=False) if b <= t0][5:]
     # Gaps that overlap the prefill (the one that spans its end included).
@@ -73,12 +84,13 @@ def one_round(url: str, long_prompt: str) -> dict[str, float]:
             "tokens_during": len(during)}
 
 
-def step_costs(model_path: str | None, threads: int) -> None:
+def step_costs(model_path: str | None, threads: int, kv_unified: bool = False) -> None:
     from server.engine.llama import Batch, LlamaContext, LlamaModel
     from server.model_files import embedded_model_path
 
     model = LlamaModel(model_path or embedded_model_path(), use_mmap=False)  # type: ignore[arg-type]
-    ctx = LlamaContext(model, n_ctx=8192, n_batch=512, n_seq_max=4, n_threads=threads, n_threads_batch=threads)
+    ctx = LlamaContext(model, n_ctx=8192, n_batch=512, n_seq_max=4, n_threads=threads, n_threads_batch=threads,
+                       kv_unified=kv_unified)
     batch = Batch(512)
     tokens = model.tokenize("The keeper climbed the stairs of the old lighthouse every evening at dusk. " * 40)
     for seq, n in ((0, 300), (1, 200)):  # a stream 300 tokens in; another sequence 200 tokens into its prompt

@@ -63,7 +63,9 @@ class SamplingFields(BaseModel):
     # Fields this server does not know are ignored, as clients send many; known ones must have their JSON type.
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    model: str = Field(description="The served model's id (see GET /v1/models).")
+    model: str | None = Field(
+        default=None, description="The served model's id (see GET /v1/models); unset: the served model (as vLLM and "
+        "llama-server allow).")
     max_tokens: int | None = Field(default=None, ge=1, description="Tokens to generate at most.")
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -278,10 +280,15 @@ class ChatCompletionRequest(SamplingFields):
 FinishReason = Literal["stop", "length", "tool_calls"]
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="Prompt tokens whose KV cache was reused from an earlier request.")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails  # as OpenAI (and llama-server) report prompt caching
 
 
 class CompletionLogprobs(BaseModel):

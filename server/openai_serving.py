@@ -38,6 +38,7 @@ from server.openai_protocol import (
     CompletionLogprobs,
     CompletionRequest,
     FunctionCallDelta,
+    PromptTokensDetails,
     SamplingFields,
     TokenLogprobInfo,
     ToolCall,
@@ -66,7 +67,8 @@ def _finish(final: FinalEvent) -> str:
 def _usage(finals: list[FinalEvent]) -> Usage:
     prompt = finals[0].usage.prompt_tokens
     completion = sum(f.usage.completion_tokens for f in finals)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=finals[0].usage.cached_tokens))
 
 
 def _model(service: GenerationService) -> LlamaModel:
@@ -182,7 +184,7 @@ async def _collect(service: GenerationService, choices: _Choices, http_request: 
             if keep:
                 tokens[i].append(event)
 
-        return asyncio.ensure_future(service.complete(handle, http_request.is_disconnected, fields,
+        return asyncio.ensure_future(service.complete(handle, http_request.receive, fields,
                                                       on_token=on_token))
 
     waits = [wait(i, h) for i, h in enumerate(choices.handles)]

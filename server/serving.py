@@ -11,6 +11,8 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from starlette.types import Message
+
 from server.chat import ChatFormatter, ChatTemplateError, load_template
 from server.engine.core import Engine, EngineNotReady, EngineOverloaded, EngineState
 from server.engine.sampling import SamplingParams, grammar_parses
@@ -18,8 +20,6 @@ from server.engine.types import ErrorEvent, Event, FinalEvent, GenerationRequest
 from server.errors import APIError, bad_request, overloaded, unavailable
 from server.prompt_limits import VocabFacts, measure_vocab, refuse_oversized
 from server.settings import Settings
-
-DISCONNECT_POLL_S = 0.1
 
 
 class GenerationService:
@@ -187,21 +187,21 @@ class GenerationService:
             fields.update(error=event.code)
 
     async def complete(
-        self, handle: RequestHandle, is_disconnected: Callable[[], Awaitable[bool]],
+        self, handle: RequestHandle, receive: Callable[[], Awaitable[Message]],
         log_fields: dict[str, object] | None = None, on_token: Callable[[TokenEvent], None] | None = None,
     ) -> FinalEvent | None:
         """Wait for the whole answer (``on_token`` sees each token on the way). If the client disconnects
-        meanwhile, cancel the request and return None."""
+        meanwhile (``receive``, the request's ASGI channel, says so the moment the connection drops), cancel the
+        request and return None."""
         result = asyncio.ensure_future(handle.result() if on_token is None else _result(handle, on_token))
+        gone = asyncio.ensure_future(_disconnect(receive))
         try:
-            while True:
-                done, _ = await asyncio.wait({result}, timeout=DISCONNECT_POLL_S)
-                if done:
-                    break
-                if await is_disconnected():
-                    handle.cancel()
-                    return None
+            await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not result.done():
+                handle.cancel()
+                return None
         finally:
+            gone.cancel()
             if not result.done():
                 handle.cancel()
                 result.cancel()
@@ -221,6 +221,12 @@ class GenerationService:
                 yield event
         finally:
             handle.cancel()
+
+
+async def _disconnect(receive: Callable[[], Awaitable[Message]]) -> None:
+    """Return once the client has gone: after the request's body, the server's next message is the disconnect."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _result(handle: RequestHandle, on_token: Callable[[TokenEvent], None]) -> FinalEvent | ErrorEvent:

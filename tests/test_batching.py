@@ -102,13 +102,16 @@ def test_dropped_stream_frees_its_slot_and_the_next_request_is_served(
     assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] >= 1
 
 
-def test_client_that_gives_up_on_a_plain_request_cancels_it(http: httpx.Client, live_server: LiveServer) -> None:
+@pytest.mark.parametrize(("path", "body"), [
+    ("/generate", {"prompt": "Write an essay.", "max_length": 2000, "ignore_eos": True}),
+    ("/v1/completions", {"model": "any", "prompt": "Write an essay.", "max_tokens": 2000, "ignore_eos": True}),
+])
+def test_client_that_gives_up_on_a_plain_request_cancels_it(http: httpx.Client, live_server: LiveServer,
+                                                            path: str, body: dict[str, object]) -> None:
     cancelled_before = metric(http.get("/metrics").text, "llama_requests_finished_total",
                               'finish_reason="cancelled"')
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(live_server.url + "/generate", json={"prompt": "Write an essay.", "max_length": 2000,
-                                                            "ignore_eos": True},
-                   timeout=0.5)
+        httpx.post(live_server.url + path, json=body, timeout=0.5)
     assert wait_for_metric(http, "llama_slots_busy", 0.0) == 0.0
     assert metric(http.get("/metrics").text, "llama_requests_finished_total",
                   'finish_reason="cancelled"') == cancelled_before + 1

@@ -94,6 +94,9 @@ def test_any_model_name_is_accepted_and_the_answer_names_the_real_one(live_serve
     reply = client.chat.completions.create(model="gpt-3.5-turbo", max_tokens=4, temperature=0,
                                            messages=[{"role": "user", "content": "Say hi."}])
     assert reply.model == MODEL and reply.choices[0].message.content
+    # No model at all (curl users, vLLM's and llama-server's clients): the served one.
+    unnamed = httpx.post(live_server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+    assert unnamed.status_code == 200 and unnamed.json()["model"] == MODEL
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +117,8 @@ def test_served_model_names_and_strict_mode(strict_server: LiveServer) -> None:
     with pytest.raises(openai.NotFoundError) as not_found:
         client.completions.create(model="gpt-3.5-turbo", prompt="hi", max_tokens=2)
     assert not_found.value.code == "model_not_found" and "serves 'smol'" in not_found.value.message
+    unnamed = httpx.post(strict_server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+    assert unnamed.status_code == 200 and unnamed.json()["model"] == "smol"
 
 
 def test_malformed_json_names_line_and_column(http: httpx.Client) -> None:

@@ -63,6 +63,18 @@ def test_streamed_completion_equals_plain_and_reports_usage(client: openai.OpenA
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens  # type: ignore[union-attr]
 
 
+def test_usage_reports_the_cached_prompt_tokens_as_openai_does(client: openai.OpenAI) -> None:
+    messages = [{"role": "system", "content": "You answer in one short sentence about lighthouses."},
+                {"role": "user", "content": "Which lighthouse is the oldest still standing? 7f3a"}]
+    first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)  # type: ignore[arg-type]
+    again = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)  # type: ignore[arg-type]
+    assert first.usage is not None and again.usage is not None
+    assert first.usage.prompt_tokens_details is not None and again.usage.prompt_tokens_details is not None
+    assert first.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens - 1
+    # The same prompt again: all but the last token (whose logits are computed anew) come from the cache.
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+
+
 def test_chat_prompt_is_rendered_with_the_gguf_template(live_server: LiveServer, vocab: Llama) -> None:
     from server.chat import ChatFormatter
     from server.engine.llama import LlamaModel

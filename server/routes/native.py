@@ -67,7 +67,7 @@ async def generate(body: GenerateRequest, request: Request, service: ServiceDep)
     handle = service.submit(gen_request)
     if body.stream:
         return TokenEventSourceResponse(_sse(service, handle, fields))
-    final = await service.complete(handle, request.is_disconnected, fields)
+    final = await service.complete(handle, request.receive, fields)
     if final is None:  # the client went away; its request was cancelled
         return Response(status_code=CLIENT_CLOSED)
     return GenerateResponse(

@@ -38,7 +38,7 @@ def _known_model(name: str, service: GenerationService) -> bool:
 
 
 def _check(body: SamplingFields, service: GenerationService) -> None:
-    if not _known_model(body.model, service):
+    if body.model is not None and not _known_model(body.model, service):
         raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{service.model_name}'",
                        type="invalid_request_error", param="model", code="model_not_found")
     problem = body.unsupported()
