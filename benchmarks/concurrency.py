@@ -64,7 +64,10 @@ async def _stream(client: httpx.AsyncClient, kind: str, prompt: str, max_tokens:
     n = 0
     buffer = b""
     async with client.stream("POST", path, json=body) as response:
-        response.raise_for_status()
+        if response.status_code != 200:
+            await response.aread()
+            raise httpx.HTTPStatusError(f"{response.status_code} {response.text[:300]}", request=response.request,
+                                        response=response)
         async for chunk in response.aiter_raw():
             buffer += chunk.replace(b"\r\n", b"\n")
             while b"\n\n" in buffer:
@@ -101,11 +104,17 @@ async def run_level(url: str, kind: str, clients: int, per_client: int, max_toke
         nonlocal errors
         for j in range(per_client):
             topic = TOPICS[(i + j * clients) % len(TOPICS)]
+            prompt = f"Here is a long story about {topic}.\n\nOnce upon a time,"
             try:
-                prompt = f"Here is a long story about {topic}.\n\nOnce upon a time,"
-                samples.append(await _stream(client, kind, prompt, max_tokens, model, extra))
-            except httpx.HTTPError:
+                try:
+                    samples.append(await _stream(client, kind, prompt, max_tokens, model, extra))
+                except httpx.RemoteProtocolError:
+                    # The server closed a kept-alive connection as the request went out on it (llama-server
+                    # closes one after a streamed answer): nothing was processed, so send it again once.
+                    samples.append(await _stream(client, kind, prompt, max_tokens, model, extra))
+            except httpx.HTTPError as exc:
                 errors += 1
+                print(f"  request failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
 
     limits = httpx.Limits(max_connections=clients + 2)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:

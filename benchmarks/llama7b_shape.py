@@ -31,23 +31,21 @@ N_LAYER, N_EMBD, N_HEAD, N_FF, N_VOCAB = 32, 4096, 32, 11008, 32000
 
 def tokenizer_files(out: Path) -> None:
     """SmolLM2's byte-level BPE cut to 32000 tokens (and the merges among them): a valid tokenizer of LLaMA 2's
-    vocabulary size."""
+    vocabulary size, built and saved by the Hugging Face ``tokenizers`` library."""
     import gguf
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     reader = gguf.GGUFReader(embedded_model_path())
     tokens = field(reader, "tokenizer.ggml.tokens")[:N_VOCAB]
     known = set(tokens)
-    merges = [m for m in field(reader, "tokenizer.ggml.merges")
+    merges = [tuple(m.split(" ")) for m in field(reader, "tokenizer.ggml.merges")
               if all(p in known for p in m.split(" ")) and m.replace(" ", "") in known]
-    tokenizer = {
-        "version": "1.0", "added_tokens": [{"id": i, "content": tokens[i], "special": True} for i in range(17)],
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
-                                                               {"type": "ByteLevel", "use_regex": True}]},
-        "decoder": {"type": "ByteLevel"},
-        "model": {"type": "BPE", "byte_fallback": False, "vocab": {t: i for i, t in enumerate(tokens)},
-                  "merges": merges},
-    }
-    (out / "tokenizer.json").write_text(json.dumps(tokenizer))
+    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                       pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(tokens[i], special=True) for i in range(17)])
+    tokenizer.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({"bos_token": tokens[1], "eos_token": tokens[2],
                                                            "add_bos_token": True}))
 
@@ -76,7 +74,9 @@ def write_checkpoint(out: Path) -> None:
             yield pool[start:start + take]
             n -= take
 
-    write_f16_safetensors_streamed(out / "model.safetensors", shapes, fill)
+    kept = out / "model.safetensors"  # a whole one from an earlier build that stopped later is kept
+    if not kept.exists() or kept.stat().st_size < 2 * sum(int(np.prod(shape)) for shape in shapes.values()):
+        write_f16_safetensors_streamed(kept, shapes, fill)
     config = {"architectures": ["LlamaForCausalLM"], "hidden_size": N_EMBD, "intermediate_size": N_FF,
               "num_hidden_layers": N_LAYER, "num_attention_heads": N_HEAD, "num_key_value_heads": N_HEAD,
               "vocab_size": N_VOCAB, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,

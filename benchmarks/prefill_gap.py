@@ -33,7 +33,8 @@ from benchmarks.concurrency import run_level, summarize
 STEADY_TOKENS = 30
 
 
-def one_round(url: str, long_prompt: str, api: str = "native", model: str = "any") -> dict[str, float]:
+def one_round(url: str, long_prompt: str, api: str = "native", model: str = "any",
+              stream_tokens: int = 900) -> dict[str, float]:
     """A greedy stream, then ``long_prompt`` (one token to generate, not cached) on another connection: the
     stream's steady gap before it, its worst gap while the prompt was prefilled, and the prompt's TTFT.
     ``api``: ``native`` (/generate) or ``openai`` (/v1/completions, which llama.cpp's llama-server serves too)."""
@@ -42,26 +43,30 @@ def one_round(url: str, long_prompt: str, api: str = "native", model: str = "any
     stop = threading.Event()
     if api == "native":
         path, marker = "/generate", '"token"'
-        stream_body = {"prompt": "Once upon a time", "max_length": 1500, "temperature": 0, "ignore_eos": True,
-                       "stream": True}
+        stream_body = {"prompt": "Once upon a time", "max_length": stream_tokens, "temperature": 0,
+                       "ignore_eos": True, "stream": True}
         long_body = {"prompt": long_prompt, "max_length": 1, "temperature": 0, "cache_prompt": False}
     else:
         path, marker = "/v1/completions", '"choices"'
-        stream_body = {"model": model, "prompt": "Once upon a time", "max_tokens": 4000, "temperature": 0,
+        stream_body = {"model": model, "prompt": "Once upon a time", "max_tokens": stream_tokens, "temperature": 0,
                        "ignore_eos": True, "stream": True}
         long_body = {"model": model, "prompt": long_prompt, "max_tokens": 1, "temperature": 0}
 
     def stream() -> None:
-        with httpx.Client(base_url=url, timeout=900) as client, \
-                client.stream("POST", path, json=stream_body) as r:
-            for line in r.iter_lines():
-                if line.startswith("data:") and marker in line:
-                    times.append(time.perf_counter())
-                    if len(times) == STEADY_TOKENS:
-                        steady.set()
-                if stop.is_set():
-                    break
-        steady.set()
+        try:
+            with httpx.Client(base_url=url, timeout=900) as client, \
+                    client.stream("POST", path, json=stream_body) as r:
+                if r.status_code != 200:
+                    raise RuntimeError(f"{url}{path}: {r.status_code} {r.read().decode()[:300]}")
+                for line in r.iter_lines():
+                    if line.startswith("data:") and marker in line:
+                        times.append(time.perf_counter())
+                        if len(times) == STEADY_TOKENS:
+                            steady.set()
+                    if stop.is_set():
+                        break
+        finally:
+            steady.set()
 
     runner = threading.Thread(target=stream)
     runner.start()
@@ -77,54 +82,67 @@ def one_round(url: str, long_prompt: str, api: str = "native", model: str = "any
     before = [b - a for a, b in zip(times, times[1:], strict=False) if b <= t0][5:]
     # Gaps that overlap the prefill (the one that spans its end included).
     during = [b - a for a, b in zip(times, times[1:], strict=False) if b > t0 and a < t1]
+    if len(before) < 5:
+        raise RuntimeError(f"{url}: the stream gave {len(times)} tokens, too few before the long prompt")
     steady_gap = statistics.median(before)
     worst = max(during) if during else max(gaps)
     return {"prompt_tokens": answer["usage"]["prompt_tokens"], "steady_ms": steady_gap * 1000,
             "worst_ms": worst * 1000, "ratio": worst / steady_gap, "ttft_s": t1 - t0,
-            "tokens_during": len(during)}
+            "tokens_during": len(during),
+            "median_during_ratio": statistics.median(during) / steady_gap if during else 0.0,
+            "p90_during_ratio": sorted(during)[int(0.9 * (len(during) - 1))] / steady_gap if during else 0.0}
 
 
-def step_costs(model_path: str | None, threads: int, kv_unified: bool = False) -> None:
+def _step_cost(ctx, batch, tokens: list[int], n: int) -> float:  # type: ignore[no-untyped-def]
+    """Best of 7: sequence 0's next token with ``n`` prompt tokens of sequence 1 beside it."""
+    best = float("inf")
+    for _ in range(7):
+        batch.clear()
+        batch.add_one(tokens[0], 300, 0)
+        if n:
+            batch.add(tokens[200:200 + n], 200, 1, True)
+        t = time.perf_counter()
+        ctx.decode(batch)
+        best = min(best, time.perf_counter() - t)
+        ctx.seq_rm(0, 300, -1)
+        ctx.seq_rm(1, 200, -1)
+    return best
+
+
+def step_costs(model_path: str | None, threads: int, cache_type: str = "f16") -> None:
+    """What a step costs, in process: a generating stream alone, then with 1, 2, 4... prompt tokens of another
+    sequence beside it (best of 7), with one KV stream per slot (llama.cpp splits such a step into micro-batches
+    of equal length per sequence) and with one unified KV cache (one micro-batch), side by side."""
     from server.engine.llama import Batch, LlamaContext, LlamaModel
     from server.model_files import embedded_model_path
 
     model = LlamaModel(model_path or embedded_model_path(), use_mmap=False)  # type: ignore[arg-type]
-    ctx = LlamaContext(model, n_ctx=8192, n_batch=512, n_seq_max=4, n_threads=threads, n_threads_batch=threads,
-                       kv_unified=kv_unified)
-    batch = Batch(512)
     tokens = model.tokenize("The keeper climbed the stairs of the old lighthouse every evening at dusk. " * 40)
-    for seq, n in ((0, 300), (1, 200)):  # a stream 300 tokens in; another sequence 200 tokens into its prompt
-        batch.clear()
-        batch.add(tokens[:n], 0, seq, True)
-        ctx.decode(batch)
-
-    def step(n: int) -> float:
-        best = float("inf")
-        for _ in range(7):
+    sizes = (0, 1, 2, 3, 4, 6, 8, 16, 64)
+    costs: dict[bool, dict[int, float]] = {}
+    for unified in (False, True):
+        ctx = LlamaContext(model, n_ctx=4096, n_batch=512, n_seq_max=4, n_threads=threads, n_threads_batch=threads,
+                           cache_type=cache_type, kv_unified=unified)
+        batch = Batch(512)
+        for seq, n in ((0, 300), (1, 200)):  # a stream 300 tokens in; another sequence 200 tokens into its prompt
             batch.clear()
-            batch.add_one(tokens[0], 300, 0)
-            if n:
-                batch.add(tokens[200:200 + n], 200, 1, True)
-            t = time.perf_counter()
+            batch.add(tokens[:n], 0, seq, True)
             ctx.decode(batch)
-            best = min(best, time.perf_counter() - t)
-            ctx.seq_rm(0, 300, -1)
-            ctx.seq_rm(1, 200, -1)
-        return best
 
-    alone = step(0)
-    print("\n| prompt tokens beside one stream | step ms | x a decode step |\n|---|---|---|")
-    print(f"| 0 | {alone * 1000:.1f} | 1.00 |")
-    for n in (1, 2, 4, 8, 16, 64):
-        t = step(n)
-        print(f"| {n} | {t * 1000:.1f} | {t / alone:.2f} |")
-    ctx.close()
+        costs[unified] = {n: _step_cost(ctx, batch, tokens, n) for n in sizes}
+        ctx.close()
     model.close()
+    print("\n| prompt tokens beside one stream | KV stream per slot: step ms | x a decode step "
+          "| unified KV: step ms | x a decode step |\n|---|---|---|---|---|")
+    for n in sizes:
+        split, one = costs[False][n], costs[True][n]
+        print(f"| {n} | {split * 1000:.1f} | {split / costs[False][0]:.2f} | {one * 1000:.1f} | "
+              f"{one / costs[True][0]:.2f} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budgets", default="0,512", help="PREFILL_BUDGET values (0: measured)")
+    parser.add_argument("--budgets", default="0,512", help="PREFILL_BUDGET values (0: measured; empty: none)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prompt-words", type=int, default=750, help="about 1,000 tokens")
     parser.add_argument("--threads", type=int, default=2)
@@ -133,12 +151,15 @@ def main() -> None:
     parser.add_argument("--levels", default="", help="also measure throughput at these client counts, e.g. 1,2,4")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per request in the throughput levels")
     parser.add_argument("--step-costs", action="store_true", help="first measure step costs in process")
+    parser.add_argument("--cache-type", default="f16", help="KV-cache type of the step-cost measurement")
     args = parser.parse_args()
     if args.step_costs:
-        step_costs(args.model_path, args.threads)
+        step_costs(args.model_path, args.threads, args.cache_type)
     words = "the keeper climbed the stairs of the old lighthouse every evening at dusk and lit the lamp".split()
     long_prompt = " ".join(words[i % len(words)] for i in range(args.prompt_words))
-    budgets = [int(b) for b in args.budgets.split(",")]
+    budgets = [int(b) for b in args.budgets.split(",") if b]
+    if not budgets:  # --budgets "": the step costs only
+        return
     extra = ["--n-threads", str(args.threads), "--parallel", str(args.parallel)]
     if args.model_path:
         extra += ["--model-path", args.model_path]
