@@ -1,8 +1,8 @@
 """``llama-inference pull``: a ready GGUF file from a Hugging Face repository, by quantization.
 
 The file lands in huggingface_hub's own cache (``HF_HOME``, shared with every other Hub tool), so a second pull
-or a restart reuses it (without the Hub too), a dropped connection resumes where it broke (huggingface_hub
-retries with a Range request), and a gated repository is read with ``HF_TOKEN``.
+or a restart reuses it (without the Hub too); a dropped connection, or a pull killed midway, resumes where it
+broke (convert/hub_download.py), and a gated repository is read with ``HF_TOKEN``.
 Which file: ``--file NAME`` names it; ``--quant Q`` picks the repository's GGUF of that quantization; with
 neither, the only GGUF of the repository, else its Q4_K_M (llama.cpp's ``-hf`` default). Anything else that
 matches more than one file, or none, is refused with the choices listed.
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from convert.errors import PipelineError
+from convert.hub_download import fetch_blob
 
 DEFAULT_QUANT = "Q4_K_M"
 # A model reference on the command line: ``owner/name`` or ``owner/name:QUANT`` (Ollama's and llama.cpp's form).
@@ -182,6 +183,8 @@ def pull(repo_id: str, *, quant: str | None = None, filename: str | None = None,
     paths = []
     for part in _split_parts(chosen, files):
         try:
+            # The bytes first, resumable across processes; huggingface_hub then finds the blob and links it.
+            fetch_blob(repo_id, part, revision=revision, token=token)
             paths.append(Path(hf_hub_download(repo_id, part, revision=revision, token=token or False)))
         except Exception as exc:  # noqa: BLE001 - every failure of the download becomes one line
             raise _hub_error(exc, repo_id, revision, token, filename=part) from exc

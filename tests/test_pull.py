@@ -9,7 +9,9 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlparse
@@ -18,6 +20,7 @@ import httpx
 import pytest
 
 from convert.errors import PipelineError
+from convert.hub_download import PARTIAL_SUFFIX
 from convert.pull import choose_file, quant_of
 from tests import hub_fixture
 from tests.conftest import REPO, free_port, start_server, stop_server
@@ -38,7 +41,13 @@ def _repo_dir(root: Path, name: str, files: dict[str, bytes | Path]) -> Path:
 
 
 FLAKY = "model.Q6_K.gguf"  # the first download of this file breaks off after CUT bytes
+STALL = "stall.Q5_K_M.gguf"  # the first download of this file stops sending after CUT bytes (its client is killed)
 CUT = 11 * 2**20  # past huggingface_hub's first 10 MiB chunk, so the part before the break is kept
+
+
+@dataclass
+class StallingHub(Hub):
+    stalled: threading.Event = field(default_factory=threading.Event)  # set once STALL's first download stops
 
 
 class _FlakyHub(hub_fixture._Handler):
@@ -47,11 +56,24 @@ class _FlakyHub(hub_fixture._Handler):
 
     ranges: list[tuple[str, str]]
     dropped: set[str]
+    hub: StallingHub
 
     def do_GET(self) -> None:  # noqa: N802
         path = urlparse(self.path).path
         if self.command == "GET" and self.headers.get("Range"):
             self.ranges.append((path, self.headers["Range"]))
+        if self.command == "GET" and path.endswith("/" + STALL) and not self.hub.stalled.is_set():
+            body = self.hub.repos[path.split("/resolve/")[0].strip("/")].files[STALL]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
+            self.end_headers()
+            self.wfile.write(body[:CUT])
+            self.wfile.flush()
+            self.hub.stalled.set()
+            time.sleep(30)  # nothing more: the client is killed meanwhile
+            self.close_connection = True
+            return
         if self.command == "GET" and path.endswith("/" + FLAKY) and not self.headers.get("Range") \
                 and path not in self.dropped:
             self.dropped.add(path)
@@ -69,9 +91,10 @@ class _FlakyHub(hub_fixture._Handler):
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[tuple[Hub, list[tuple[str, str]]]]:
+def hub(tmp_path_factory: pytest.TempPathFactory,
+        model_path: Path) -> Iterator[tuple[StallingHub, list[tuple[str, str]]]]:
     root = tmp_path_factory.mktemp("hub-repos")
-    h = Hub()
+    h = StallingHub()
     h.add_repo("org/smol-GGUF", _repo_dir(root, "smol", {
         model_path.name: model_path, "SmolLM2-135M-Instruct.Q8_0.gguf": FAKE, "README.md": b"# smol"}))
     h.add_repo("org/multi-GGUF", _repo_dir(root, "multi", {
@@ -80,6 +103,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[
     h.add_repo("org/ambiguous-GGUF", _repo_dir(root, "ambiguous", {
         "base.Q8_0.gguf": FAKE + b"base", "chat.Q8_0.gguf": FAKE + b"chat", "chat.F16.gguf": FAKE}))
     h.add_repo("org/gated-GGUF", _repo_dir(root, "gated", {"model.Q4_K_M.gguf": FAKE}), token="hf_granted")
+    h.add_repo("org/stall-GGUF", _repo_dir(root, "stall", {STALL: os.urandom(12 * 2**20)}))
     ranges: list[tuple[str, str]] = []
     handler = type("Handler", (_FlakyHub,), {"hub": h, "ranges": ranges, "dropped": set()})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -182,6 +206,30 @@ def test_pull_resumes_a_download_whose_connection_dropped(hub: tuple[Hub, list[t
     # The second request asked only for the bytes after what was kept (whole chunks before the break).
     [resumed] = [r for path, r in ranges if path.endswith("/" + FLAKY)]
     assert resumed.startswith("bytes=") and 0 < int(resumed[6:].rstrip("-")) <= CUT
+
+
+def test_a_killed_pull_resumes_where_it_stopped(hub: tuple[StallingHub, list[tuple[str, str]]],
+                                                tmp_path: Path) -> None:
+    """huggingface_hub alone starts a file over in a new process; a pull killed mid-file (a pod restarted) goes on
+    from the bytes it had."""
+    h, ranges = hub
+    first = subprocess.Popen([sys.executable, "-m", "server", "pull", "org/stall-GGUF"], env=hub_env(h.url, tmp_path),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    try:
+        assert h.stalled.wait(60)
+        deadline = time.monotonic() + 30
+        while not [p for p in tmp_path.rglob("*" + PARTIAL_SUFFIX) if p.stat().st_size > 0]:
+            assert time.monotonic() < deadline, "no partial file appeared"
+            time.sleep(0.1)
+    finally:
+        first.kill()
+        first.wait()
+    done = pull(h.url, tmp_path, "org/stall-GGUF")
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()).read_bytes() == h.repos["org/stall-GGUF"].files[STALL]
+    [resumed] = [r for path, r in ranges if path.endswith("/" + STALL)]
+    assert resumed.startswith("bytes=") and 0 < int(resumed[6:].rstrip("-")) <= CUT
+    assert not list(tmp_path.rglob("*" + PARTIAL_SUFFIX))  # moved into the cache whole
 
 
 def test_serve_pulls_repo_quant_on_first_start_and_answers(hub: tuple[Hub, list[tuple[str, str]]],
