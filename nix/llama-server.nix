@@ -78,6 +78,8 @@ python3Packages.buildPythonApplication {
     prometheus-client
     gguf
     huggingface-hub
+    httpx
+    filelock
     numpy
     jinja2
     tokenizers
@@ -97,6 +99,8 @@ python3Packages.buildPythonApplication {
     "prometheus-client"
     "gguf"
     "huggingface_hub"
+    "httpx"
+    "filelock"
     "jinja2"
     "tokenizers"
   ];

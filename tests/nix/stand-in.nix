@@ -93,7 +93,7 @@ let
     python3Packages = builtins.listToAttrs (map (n: { name = n; value = n; }) [
       "fastapi" "uvicorn" "uvloop" "httptools" "sse-starlette" "pydantic" "pydantic-settings" "prometheus-client"
       "gguf" "huggingface-hub" "numpy" "jinja2" "tqdm" "typing-extensions" "diskcache" "setuptools"
-      "scikit-build-core" "tokenizers"
+      "scikit-build-core" "tokenizers" "httpx" "filelock"
     ]) // {
       inherit python buildPythonPackage buildPythonApplication;
       fetchPypi = args: args // { fetchPypi = true; };
