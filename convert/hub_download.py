@@ -13,11 +13,15 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
+from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlparse
 
 import httpx
 
 ATTEMPTS = 5  # connections that may break in one download before it gives up (each resumes the last)
+RETRY_STATUSES = {403, 408, 429, 500, 502, 503, 504}  # 403: a signed address that expired
 CHUNK = 2**20
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -30,34 +34,49 @@ def partial_path(blob: Path) -> Path:
 
 
 def fetch_blob(repo_id: str, filename: str, *, revision: str | None, token: str | None) -> None:
-    """Make sure the cache holds the blob of ``filename`` at ``revision``, resuming a partial download."""
+    """Make sure the cache holds the blob of ``filename`` at ``revision``, resuming a partial download. Where the
+    Hub cannot describe the file (no network, an error), nothing is done: ``hf_hub_download`` then answers from
+    its cache or with the Hub's error."""
     from filelock import FileLock
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
     from huggingface_hub.file_download import repo_folder_name
-    from huggingface_hub.utils import build_hf_headers
 
-    meta = get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision), token=token or False)
+    url = hf_hub_url(repo_id, filename, revision=revision)
+    try:
+        meta = get_hf_file_metadata(url, token=token or False)
+    except Exception:  # noqa: BLE001 - hf_hub_download below reports it, or finds the file cached
+        return
     if meta.etag is None or meta.size is None or meta.location is None:
-        return  # the Hub did not describe the file: leave the download to huggingface_hub
+        return
     folder = repo_folder_name(repo_id=repo_id, repo_type="model")
     blob = Path(constants.HF_HUB_CACHE) / folder / "blobs" / meta.etag
     if blob.exists():
         return
     blob.parent.mkdir(parents=True, exist_ok=True)
-    part = partial_path(blob)
-    headers = build_hf_headers(token=token or False)
     # huggingface_hub's own lock for this blob: two pulls (or a pull and another Hub tool) take turns.
     lock = Path(constants.HF_HUB_CACHE) / ".locks" / folder / f"{meta.etag}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(lock)):
         if not blob.exists():
-            _fetch(filename, meta.location, meta.size, meta.etag, part, blob, headers)
+            _fetch(filename, lambda: _location(url, token), meta.size, meta.etag, blob)
 
 
-def _fetch(filename: str, url: str, total: int, etag: str, part: Path, blob: Path,  # noqa: PLR0913
-           headers: dict[str, str]) -> None:
+def _location(url: str, token: str | None) -> tuple[str, dict[str, str]]:
+    """Where the file's bytes are now (LFS files: a signed address on another host, which expires) and the
+    headers to send there: the token only to the Hub's own host, as huggingface_hub does."""
+    from huggingface_hub import get_hf_file_metadata
+    from huggingface_hub.utils import build_hf_headers
+
+    location = get_hf_file_metadata(url, token=token or False).location
+    same_host = urlparse(location).netloc == urlparse(url).netloc
+    return location, build_hf_headers(token=(token or False) if same_host else False)
+
+
+def _fetch(filename: str, locate: Callable[[], tuple[str, dict[str, str]]], total: int, etag: str,
+           blob: Path) -> None:
     from huggingface_hub.utils import tqdm as hub_tqdm
 
+    part = partial_path(blob)
     with hub_tqdm(total=total, unit="B", unit_scale=True, desc=filename,
                   initial=part.stat().st_size if part.exists() else 0) as progress:
         for attempt in range(ATTEMPTS):
@@ -65,10 +84,13 @@ def _fetch(filename: str, url: str, total: int, etag: str, part: Path, blob: Pat
             if have >= total:
                 break
             try:
-                _download_from(url, part, have, headers, progress)
-            except httpx.TransportError:  # a dropped connection, a timeout: resume from what arrived
-                if attempt == ATTEMPTS - 1:
+                # Asked anew each try: a signed address may have expired while a connection hung.
+                _download_from(*locate(), part, have, progress)
+            except (httpx.TransportError, httpx.HTTPStatusError) as exc:
+                status = exc.response.status_code if isinstance(exc, httpx.HTTPStatusError) else 0
+                if attempt == ATTEMPTS - 1 or (status and status not in RETRY_STATUSES):
                     raise
+                time.sleep(min(2**attempt, 8))  # resume from what arrived, after a pause
     size = part.stat().st_size
     if size != total:
         part.unlink()
@@ -80,7 +102,7 @@ def _fetch(filename: str, url: str, total: int, etag: str, part: Path, blob: Pat
     os.replace(part, blob)
 
 
-def _download_from(url: str, part: Path, have: int, headers: dict[str, str], progress) -> None:  # type: ignore[no-untyped-def]
+def _download_from(url: str, headers: dict[str, str], part: Path, have: int, progress) -> None:  # type: ignore[no-untyped-def]
     range_headers = {**headers, "Range": f"bytes={have}-"} if have else headers
     with httpx.stream("GET", url, headers=range_headers, follow_redirects=True, timeout=60) as response:
         if response.status_code not in (200, 206):

@@ -229,6 +229,9 @@ def test_a_killed_pull_resumes_where_it_stopped(hub: tuple[StallingHub, list[tup
     assert Path(done.stdout.strip()).read_bytes() == h.repos["org/stall-GGUF"].files[STALL]
     [resumed] = [r for path, r in ranges if path.endswith("/" + STALL)]
     assert resumed.startswith("bytes=") and 0 < int(resumed[6:].rstrip("-")) <= CUT
+    # Besides the killed one (answered by the stall above, not logged), one GET: the resumed one. huggingface_hub
+    # found the blob in its cache and did not fetch the file again.
+    assert sum(1 for method, path, _ in h.requests if method == "GET" and path.endswith("/" + STALL)) == 1
     assert not list(tmp_path.rglob("*" + PARTIAL_SUFFIX))  # moved into the cache whole
 
 
