@@ -431,8 +431,8 @@ class Engine:
             keep = 0
         if keep and not self._ctx.seq_rm(slot.seq_id, keep, -1):
             keep = 0
-        if keep and self.model.n_swa and self._ctx.seq_pos_min(slot.seq_id) > max(0, keep - self.model.n_swa):
-            keep = 0  # the sliding window has already dropped cells the next token attends to
+        if keep and self.model.n_swa and not 0 <= self._ctx.seq_pos_min(slot.seq_id) <= max(0, keep - self.model.n_swa):
+            keep = 0  # the sliding window has already dropped cells the next token attends to (or all of them: -1)
         if keep == 0:
             self._ctx.seq_rm(slot.seq_id, 0, -1)
         del slot.tokens[keep:]
