@@ -63,13 +63,7 @@ class _FlakyHub(hub_fixture._Handler):
         if self.command == "GET" and self.headers.get("Range"):
             self.ranges.append((path, self.headers["Range"]))
         if self.command == "GET" and path.endswith("/" + STALL) and not self.hub.stalled.is_set():
-            body = self.hub.repos[path.split("/resolve/")[0].strip("/")].files[STALL]
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
-            self.end_headers()
-            self.wfile.write(body[:CUT])
-            self.wfile.flush()
+            self._send_first_bytes(path, STALL)
             self.hub.stalled.set()
             time.sleep(30)  # nothing more: the client is killed meanwhile
             self.close_connection = True
@@ -77,17 +71,21 @@ class _FlakyHub(hub_fixture._Handler):
         if self.command == "GET" and path.endswith("/" + FLAKY) and not self.headers.get("Range") \
                 and path not in self.dropped:
             self.dropped.add(path)
-            body = self.hub.repos[path.split("/resolve/")[0].strip("/")].files[FLAKY]
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
-            self.end_headers()
-            self.wfile.write(body[:CUT])
-            self.wfile.flush()
+            self._send_first_bytes(path, FLAKY)
             self.connection.shutdown(socket.SHUT_RDWR)
             self.close_connection = True
             return
         super().do_GET()
+
+    def _send_first_bytes(self, path: str, name: str) -> None:
+        """Announce the whole of file ``name`` but send only its first CUT bytes."""
+        body = self.hub.repos[path.split("/resolve/")[0].strip("/")].files[name]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
+        self.end_headers()
+        self.wfile.write(body[:CUT])
+        self.wfile.flush()
 
 
 @pytest.fixture(scope="module")
