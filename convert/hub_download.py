@@ -58,21 +58,24 @@ def fetch_blob(repo_id: str, filename: str, *, revision: str | None, token: str 
     lock.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(lock)):
         if not blob.exists():
-            _fetch(filename, lambda: _location(url, token), meta.size, meta.etag, blob)
+            # The first try goes where the metadata just said; later ones ask again.
+            _fetch(filename, lambda attempt: _location(url, token, meta.location if attempt == 0 else None),
+                   meta.size, meta.etag, blob)
 
 
-def _location(url: str, token: str | None) -> tuple[str, dict[str, str]]:
-    """Where the file's bytes are now (LFS files: a signed address on another host, which expires) and the
-    headers to send there: the token only to the Hub's own host, as huggingface_hub does."""
+def _location(url: str, token: str | None, known: str | None) -> tuple[str, dict[str, str]]:
+    """Where the file's bytes are now (``known``, else asked of the Hub; LFS files: a signed address on another
+    host, which expires) and the headers to send there: the token only to the Hub's own host, as
+    huggingface_hub does."""
     from huggingface_hub import get_hf_file_metadata
     from huggingface_hub.utils import build_hf_headers
 
-    location = get_hf_file_metadata(url, token=token or False).location
+    location = known or get_hf_file_metadata(url, token=token or False).location
     same_host = urlparse(location).netloc == urlparse(url).netloc
     return location, build_hf_headers(token=(token or False) if same_host else False)
 
 
-def _fetch(filename: str, locate: Callable[[], tuple[str, dict[str, str]]], total: int, etag: str,
+def _fetch(filename: str, locate: Callable[[int], tuple[str, dict[str, str]]], total: int, etag: str,
            blob: Path) -> None:
     from huggingface_hub.utils import tqdm as hub_tqdm
 
@@ -84,8 +87,8 @@ def _fetch(filename: str, locate: Callable[[], tuple[str, dict[str, str]]], tota
             if have >= total:
                 break
             try:
-                # Asked anew each try: a signed address may have expired while a connection hung.
-                _download_from(*locate(), part, have, progress)
+                # Asked anew after a failure: a signed address may have expired while a connection hung.
+                _download_from(*locate(attempt), part, have, progress)
             except (httpx.TransportError, httpx.HTTPStatusError) as exc:
                 status = exc.response.status_code if isinstance(exc, httpx.HTTPStatusError) else 0
                 if attempt == ATTEMPTS - 1 or (status and status not in RETRY_STATUSES):
