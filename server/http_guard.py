@@ -38,9 +38,13 @@ class HttpLimits:
     body_timeout_s: float
 
 
+def _envelope(message: str, type_: str, code: str) -> bytes:
+    """The server's error envelope (server/errors.py), for answers given before the app runs."""
+    return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+
+
 def _response(status: int, reason: str, message: str, code: str) -> bytes:
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                 "code": code}}).encode()
+    body = _envelope(message, "invalid_request_error", code)
     head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
             "connection: close\r\n\r\n").encode()
     return head + body
@@ -48,8 +52,8 @@ def _response(status: int, reason: str, message: str, code: str) -> bytes:
 
 async def _over_capacity(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
     """uvicorn's answer past ``limit_concurrency``, in the server's error envelope instead of plain text."""
-    body = json.dumps({"error": {"message": "the server has too many connections open; retry shortly",
-                                 "type": "service_unavailable", "param": None, "code": "over_capacity"}}).encode()
+    body = _envelope("the server has too many connections open; retry shortly", "service_unavailable",
+                     "over_capacity")
     await send({"type": "http.response.start", "status": 503, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
         (b"retry-after", b"5"), (b"connection", b"close")]})
