@@ -197,14 +197,14 @@ class GenerationService:
         gone = asyncio.ensure_future(_disconnect(receive))
         try:
             await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not result.done():
-                handle.cancel()
-                return None
         finally:
             gone.cancel()
-            if not result.done():
+            left = not result.done()  # the client left (or this coroutine was cancelled): so does the request
+            if left:
                 handle.cancel()
                 result.cancel()
+        if left:
+            return None
         event = result.result()
         self.record(log_fields, event)
         if isinstance(event, ErrorEvent):
