@@ -89,7 +89,7 @@ def _fetch(filename: str, locate: Callable[[int], tuple[str, dict[str, str]]], t
             try:
                 # Asked anew after a failure: a signed address may have expired while a connection hung.
                 _download_from(*locate(attempt), part, have, progress)
-            except (httpx.TransportError, httpx.HTTPStatusError) as exc:
+            except (httpx.TransportError, httpx.HTTPStatusError, _WrongRange) as exc:
                 status = exc.response.status_code if isinstance(exc, httpx.HTTPStatusError) else 0
                 if attempt == ATTEMPTS - 1 or (status and status not in RETRY_STATUSES):
                     raise
@@ -105,11 +105,20 @@ def _fetch(filename: str, locate: Callable[[int], tuple[str, dict[str, str]]], t
     os.replace(part, blob)
 
 
+class _WrongRange(OSError):
+    """A 206 whose Content-Range does not start where the partial file ends."""
+
+
 def _download_from(url: str, headers: dict[str, str], part: Path, have: int, progress) -> None:  # type: ignore[no-untyped-def]
     range_headers = {**headers, "Range": f"bytes={have}-"} if have else headers
     with httpx.stream("GET", url, headers=range_headers, follow_redirects=True, timeout=60) as response:
         if response.status_code not in (200, 206):
             response.raise_for_status()
+        if response.status_code == 206 and not response.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+            # Bytes from another offset than asked: appending them would corrupt the file; start it over.
+            part.unlink()
+            progress.reset()
+            raise _WrongRange(f"asked for bytes {have}-, got {response.headers.get('Content-Range')!r}")
         # 200 to a Range request: the server sends the whole file, so start it over.
         mode = "ab" if have and response.status_code == 206 else "wb"
         if mode == "wb" and have:

@@ -126,6 +126,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
         self.send_header("X-Repo-Commit", sha)
         self.send_header("Content-Length", str(len(body) - start))
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body[start:])

@@ -41,6 +41,7 @@ def _repo_dir(root: Path, name: str, files: dict[str, bytes | Path]) -> Path:
 
 
 FLAKY = "model.Q6_K.gguf"  # the first download of this file breaks off after CUT bytes
+WRONG = "model.Q5_0.gguf"  # like FLAKY, then a Range request is answered from byte 0 (with a 206 saying so)
 STALL = "stall.Q5_K_M.gguf"  # the first download of this file stops sending after CUT bytes (its client is killed)
 CUT = 11 * 2**20  # past huggingface_hub's first 10 MiB chunk, so the part before the break is kept
 
@@ -68,10 +69,18 @@ class _FlakyHub(hub_fixture._Handler):
             time.sleep(30)  # nothing more: the client is killed meanwhile
             self.close_connection = True
             return
-        if self.command == "GET" and path.endswith("/" + FLAKY) and not self.headers.get("Range") \
+        if self.command == "GET" and path.endswith("/" + WRONG) and self.headers.get("Range"):
+            body = self.hub.repos[path.split("/resolve/")[0].strip("/")].files[WRONG]
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes 0-{len(body) - 1}/{len(body)}")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        if self.command == "GET" and path.endswith(("/" + FLAKY, "/" + WRONG)) and not self.headers.get("Range") \
                 and path not in self.dropped:
             self.dropped.add(path)
-            self._send_first_bytes(path, FLAKY)
+            self._send_first_bytes(path, path.rsplit("/", 1)[1])
             self.connection.shutdown(socket.SHUT_RDWR)
             self.close_connection = True
             return
@@ -97,7 +106,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory,
         model_path.name: model_path, "SmolLM2-135M-Instruct.Q8_0.gguf": FAKE, "README.md": b"# smol"}))
     h.add_repo("org/multi-GGUF", _repo_dir(root, "multi", {
         "model.Q4_K_M.gguf": FAKE + b"q4km", "model.Q8_0.gguf": FAKE + b"q8", "model.F16.gguf": FAKE + b"f16",
-        FLAKY: os.urandom(12 * 2**20)}))
+        FLAKY: os.urandom(12 * 2**20), WRONG: os.urandom(12 * 2**20)}))
     h.add_repo("org/ambiguous-GGUF", _repo_dir(root, "ambiguous", {
         "base.Q8_0.gguf": FAKE + b"base", "chat.Q8_0.gguf": FAKE + b"chat", "chat.F16.gguf": FAKE}))
     h.add_repo("org/gated-GGUF", _repo_dir(root, "gated", {"model.Q4_K_M.gguf": FAKE}), token="hf_granted")
@@ -168,7 +177,7 @@ def test_pull_picks_the_file_of_the_quantization(hub: tuple[Hub, list[tuple[str,
                                  "chat.F16.gguf (F16), chat.Q8_0.gguf (Q8_0)"),
         (["org/ambiguous-GGUF", "--quant", "Q8_0"], "several Q8_0 GGUF files; choose one with --file: "
                                                     "base.Q8_0.gguf, chat.Q8_0.gguf"),
-        (["org/multi-GGUF", "--quant", "Q5_K_M"], "no Q5_K_M GGUF; quantizations there: F16, Q4_K_M, Q6_K, Q8_0"),
+        (["org/multi-GGUF", "--quant", "Q5_K_M"], "no Q5_K_M GGUF; quantizations there: F16, Q4_K_M, Q5_0, Q6_K, Q8_0"),
         (["org/multi-GGUF", "--file", "model.Q2_K.gguf"], "has no file 'model.Q2_K.gguf'"),
         (["org/gated-GGUF"], "org/gated-GGUF is a gated repository: set HF_TOKEN"),
         (["org/nope-GGUF"], "repository org/nope-GGUF not found"),
@@ -204,6 +213,20 @@ def test_pull_resumes_a_download_whose_connection_dropped(hub: tuple[Hub, list[t
     # The second request asked only for the bytes after what was kept (whole chunks before the break).
     [resumed] = [r for path, r in ranges if path.endswith("/" + FLAKY)]
     assert resumed.startswith("bytes=") and 0 < int(resumed[6:].rstrip("-")) <= CUT
+
+
+def test_a_resumed_download_answered_from_another_offset_starts_over(hub: tuple[Hub, list[tuple[str, str]]],
+                                                                    tmp_path: Path) -> None:
+    """A server that answers the Range with bytes from elsewhere (its 206 says where): appending them would
+    corrupt the file, so the partial file is dropped and the download starts over."""
+    h, ranges = hub
+    proc = pull(h.url, tmp_path, "org/multi-GGUF", "--quant", "Q5_0")
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()).read_bytes() == h.repos["org/multi-GGUF"].files[WRONG]
+    assert len([r for path, r in ranges if path.endswith("/" + WRONG)]) == 1
+    # The cut-off download and the refused 206 are answered by the handler above and not logged; then one whole
+    # download again, without a Range.
+    assert sum(1 for method, path, _ in h.requests if method == "GET" and path.endswith("/" + WRONG)) == 1
 
 
 def test_a_killed_pull_resumes_where_it_stopped(hub: tuple[StallingHub, list[tuple[str, str]]],
