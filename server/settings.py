@@ -71,6 +71,13 @@ class Settings(BaseSettings):
         "prompt never stalls them. 0 (auto): measured as the engine runs, so that such a step costs about two "
         "decode steps (a running stream's inter-token gap at most doubles).",
     )
+    waiting_served_ratio: float = Field(
+        default=1.0, ge=0.0, le=100.0,
+        description="When more prompts wait to be prefilled than this times the streams generating (those past "
+        "their first token), a step takes the waiting prompts that fit in it whole, pausing the streams once, so "
+        "a queue of short prompts starts together instead of a token a step each (text-generation-inference's "
+        "setting of that name). A prompt that does not fit in one step still goes by PREFILL_BUDGET. 0: never.",
+    )
     watchdog_timeout_s: float = Field(
         default=120.0, gt=0.0, le=86_400.0,
         description="/health fails when the engine has work but has finished no step for this long (a hung "

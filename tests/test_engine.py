@@ -3,6 +3,7 @@ streams already running, a cancelled prefill stops at once, and a crashed or hun
 
 from __future__ import annotations
 
+import re
 import statistics
 import subprocess
 import sys
@@ -222,6 +223,65 @@ def test_a_running_stream_keeps_its_pace_while_a_long_prompt_is_prefilled(server
     # generous here: the CPU is shared).
     assert len(during) >= 20, (len(during), t1 - t0)
     assert max(during) <= max(10 * median, 0.05), (max(during), median, sorted(during)[-5:])
+
+
+QUEUED = [f"Question {i}: what does the keeper of the old lighthouse do every evening when the sun goes down?"
+          for i in range(3)]
+
+
+def queued_prompts_beside_a_stream(tmp: Path, ratio: str) -> tuple[list[str], list[tuple[int, int]]]:
+    """A stream runs; three prompts arrive together. Returns their texts and the steps the engine logged beside
+    the stream (streams, prompt tokens)."""
+    live = start_server(tmp, "--parallel", "4", "--n-threads", "1", "--prefill-budget", "1", "--log-level", "debug",
+                        "--waiting-served-ratio", ratio)
+    try:
+        times: list[float] = []
+        started = threading.Event()
+        runner = threading.Thread(target=stream_token_times, args=(live.url, "Once upon a time", 400, times, started))
+        runner.start()
+        started.wait(60)
+        with httpx.Client(base_url=live.url, timeout=120) as client, ThreadPoolExecutor(3) as pool:
+            texts = [r["text"] for r in pool.map(lambda p: generate(client, p, max_length=4, cache_prompt=False),
+                                                 QUEUED)]
+        runner.join(120)
+        log = live.log()
+    finally:
+        stop_server(live)
+    steps = [(int(m[1]), int(m[2])) for m in re.finditer(r"step: (\d+) streams, \d+ drafted, (\d+) prompt", log)]
+    return texts, [(streams, prompt) for streams, prompt in steps if streams]
+
+
+def test_prompts_queueing_beside_a_stream_start_together(tmp_path: Path) -> None:
+    """More prompts wait than streams run: the short ones are prefilled whole in one step (a single pause of the
+    stream) instead of a token a step each, one after the other; with the ratio off, never more than the budget."""
+    together, steps = queued_prompts_beside_a_stream(tmp_path, "1.0")
+    n_prompt = len(QUEUED[0].split())  # fewer words than tokens
+    # At least two of the three waited at once (the third may have come a step later) and went in one step.
+    assert any(prompt >= 2 * n_prompt for streams, prompt in steps), steps
+    apart, steps_off = queued_prompts_beside_a_stream(tmp_path, "0")
+    assert steps_off and max(prompt for _, prompt in steps_off) == 1, steps_off
+    # The same greedy text whichever way the prompts went in.
+    assert together == apart
+
+
+def test_a_prompt_arriving_during_another_prefill_is_not_held_to_the_budget(tmp_path: Path) -> None:
+    """Two requests a moment apart: the second arrives while the first one's prompt is prefilled. Next step the
+    first has one token and no pace to keep yet, so the second goes in whole, not a token a step beside it."""
+    live = start_server(tmp_path, "--parallel", "2", "--n-threads", "1", "--prefill-budget", "1",
+                        "--log-level", "debug")
+    try:
+        with httpx.Client(base_url=live.url, timeout=120) as client, ThreadPoolExecutor(2) as pool:
+            first = pool.submit(generate, client, "The keeper climbed the stairs of the old lighthouse. " * 50,
+                                max_length=8, cache_prompt=False)
+            time.sleep(0.1)  # the first prompt's step (500 tokens) is running
+            second = generate(client, QUEUED[0], max_length=4, cache_prompt=False)
+            first.result()
+        log = live.log()
+    finally:
+        stop_server(live)
+    assert second["usage"]["prompt_tokens"] > 10
+    steps = re.findall(r"step: (\d+) streams, \d+ drafted, (\d+) prompt", log)
+    assert ("1", "1") not in steps, steps
 
 
 def test_a_cancelled_prefill_stops_in_the_middle_of_its_step(tmp_path: Path) -> None:

@@ -3,7 +3,9 @@
 Each step puts the next token of every generating sequence, plus a chunk of any prompt still being
 prefilled, into one ``llama_batch`` and calls ``llama_decode`` once. While streams are generating, the chunk is
 held to a budget (``PREFILL_BUDGET``; measured by default) so that a long prompt arriving never stalls them for
-more than about one extra decode step; a cancelled prefill aborts its step at once.
+more than about one extra decode step; a cancelled prefill aborts its step at once. When prompts queue up faster
+than that (more waiting than ``WAITING_SERVED_RATIO`` times the streams), the short ones start together in one
+step, as text-generation-inference does.
 
 Requests join at the next step and leave when done or cancelled. A slot keeps its KV cells after its request
 ends, and the next request whose prompt continues them (a conversation's next turn, a stopped answer
@@ -451,24 +453,22 @@ class Engine:
                 added.append((slot, [a.last_token]))
         n_decode = len(added)
         n_drafts = self._add_drafts(batch, [slot for slot, _ in added])
-        # Drafts lengthen the step like prompt tokens do: they come out of the prompts' budget (which still
-        # advances a prompt by at least one token).
-        room = max(min(1, batch.free), self._budget.tokens(batch.free) - n_drafts) if n_decode else batch.free
-        prefilling = []
-        for slot in sorted((s for s in self._slots if s.active and s.active.prefilling),
-                           key=lambda s: s.active.handle.arrived):  # type: ignore[union-attr]
-            if room == 0:
-                break
-            a = slot.active
-            assert a is not None
-            chunk = a.prompt[a.n_past:a.n_past + room]
-            room -= len(chunk)
-            last = a.n_past + len(chunk) == len(a.prompt)
-            index = batch.add(chunk, a.n_past, slot.seq_id, last)
-            added.append((slot, chunk))
-            prefilling.append(a.handle)
-            if last:
-                outputs.append((slot, index))
+        waiting = sorted((s for s in self._slots if s.active and s.active.prefilling),
+                         key=lambda s: s.active.handle.arrived)  # type: ignore[union-attr]
+        ratio = self.settings.waiting_served_ratio
+        # Streams with one token so far were prefilled while these prompts arrived: no pace to keep yet (two
+        # requests a few ms apart would otherwise go one whole, the other a token a step beside it).
+        paced = sum(1 for slot, _ in added if slot.active is not None and slot.active.n_generated > 1)
+        # A queue of prompts outgrowing the streams: the ones that fit in this step start together (one pause of
+        # the streams) rather than a token a step each, one after another.
+        whole = bool(n_decode and ratio and len(waiting) > ratio * paced
+                     and self._add_prompts(batch, waiting, batch.free, added, outputs, whole=True))
+        if not whole:
+            # Drafts lengthen the step like prompt tokens do: they come out of the prompts' budget (which still
+            # advances a prompt by at least one token).
+            room = max(min(1, batch.free), self._budget.tokens(batch.free) - n_drafts) if n_decode else batch.free
+            self._add_prompts(batch, waiting, room, added, outputs, whole=False)
+        prefilling = [slot.active.handle for slot, _ in added[n_decode:] if slot.active is not None]
         self._ctx.clear_abort()
         self._prefilling_now = frozenset(prefilling)
         if any(h.cancelled for h in prefilling):
@@ -486,8 +486,13 @@ class Engine:
         if not done:
             self._aborted(added)
             return
-        # Drafts cost what prompt tokens cost: extra tokens in the step.
-        self._budget.observe(time.perf_counter() - started, n_decode, batch.n_tokens - n_decode)
+        seconds = time.perf_counter() - started
+        if not whole:  # a step of whole prompts is not what the budget measures (a few tokens beside the streams)
+            # Drafts cost what prompt tokens cost: extra tokens in the step.
+            self._budget.observe(seconds, n_decode, batch.n_tokens - n_decode)
+        if log.isEnabledFor(logging.DEBUG):  # the trace that explains a long gap or a slow level
+            log.debug("step: %d streams, %d drafted, %d prompt tokens: %.1f ms", n_decode, n_drafts,
+                      batch.n_tokens - n_decode - n_drafts, seconds * 1000)
         self.metrics.decode_steps.inc()
         for slot, tokens in added:
             assert slot.active is not None
@@ -504,6 +509,29 @@ class Engine:
                 log.exception("sampling failed for %s", slot.active.handle.request.request_id if slot.active else "?")
                 if slot.active is not None:
                     self._finish(slot, FinishReason.ERROR, error=f"sampling failed: {exc}", drop_cache=True)
+
+    @staticmethod
+    def _add_prompts(batch: Batch, waiting: list[_Slot], room: int, added: list[tuple[_Slot, list[int]]],
+                     outputs: list[tuple[_Slot, int]], *, whole: bool) -> int:
+        """Put up to ``room`` prompt tokens of the ``waiting`` slots (in order) into the batch; with ``whole``,
+        only prompts whose rest fits entirely. Returns how many prompts went in."""
+        n = 0
+        for slot in waiting:
+            if room == 0:
+                break
+            a = slot.active
+            assert a is not None
+            chunk = a.prompt[a.n_past:a.n_past + room]
+            last = a.n_past + len(chunk) == len(a.prompt)
+            if whole and not last:
+                continue
+            room -= len(chunk)
+            index = batch.add(chunk, a.n_past, slot.seq_id, last)
+            added.append((slot, chunk))
+            n += 1
+            if last:
+                outputs.append((slot, index))
+        return n
 
     def _draft_cost(self) -> float:
         """What one more token adds to a decode step, in decode steps (the prefill budget's measurements)."""
