@@ -27,11 +27,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def running(cmd: list[str], ready_url: str, *, env: dict[str, str] | None = None,
-            timeout: float = 120.0) -> Iterator[subprocess.Popen[bytes]]:
-    """Start a server process, wait until ``ready_url`` answers 200, stop it afterwards."""
+def running(cmd: list[str], ready_url: str, *, env: dict[str, str] | None = None, timeout: float = 120.0,
+            log_path: str | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """Start a server process, wait until ``ready_url`` answers 200, stop it afterwards. Its output is kept in
+    ``log_path`` when given."""
     # The server's output goes to a file, not a pipe: a chatty server would fill a pipe nobody reads and block.
-    log = tempfile.TemporaryFile()
+    log = open(log_path, "w+b") if log_path else tempfile.TemporaryFile()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **(env or {})})
     try:
         deadline = time.monotonic() + timeout

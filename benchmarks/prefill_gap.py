@@ -31,13 +31,20 @@ from benchmarks.common import free_port, our_server_cmd, running
 from benchmarks.concurrency import run_level, summarize
 
 STEADY_TOKENS = 30
+AFTER_TOKENS = 20  # the steady gap after the prefill: the median of this many
 
 
 def one_round(url: str, long_prompt: str, api: str = "native", model: str = "any",
-              stream_tokens: int = 900) -> dict[str, float]:
+              stream_tokens: int = 1000) -> dict[str, float]:
     """A greedy stream, then ``long_prompt`` (one token to generate, not cached) on another connection: the
-    stream's steady gap before it, its worst gap while the prompt was prefilled, and the prompt's TTFT.
-    ``api``: ``native`` (/generate) or ``openai`` (/v1/completions, which llama.cpp's llama-server serves too)."""
+    stream's steady gap before it, its gaps while the prompt was prefilled, its steady gap after, and the prompt's
+    TTFT. ``api``: ``native`` (/generate) or ``openai`` (/v1/completions, which llama.cpp's llama-server serves too).
+
+    A stream's own steps grow slower as its context grows (attention reads every cell), and it may grow by the
+    prompt's length while a budget prefills it token by token beside it. So each gap during the prefill is also
+    compared with the steady gap the stream has at that length (between the one before and the one after, by
+    tokens), which is what the prefill itself adds; ``stream_tokens`` must leave room for ``AFTER_TOKENS`` more
+    tokens after the prefill (else there is no "after" and the before gap stands for both)."""
     times: list[float] = []
     steady = threading.Event()
     stop = threading.Event()
@@ -75,22 +82,33 @@ def one_round(url: str, long_prompt: str, api: str = "native", model: str = "any
     with httpx.Client(base_url=url, timeout=900) as client:
         answer = client.post(path, json=long_body).json()
     t1 = time.perf_counter()
-    time.sleep(0.5)
+    n_before_end = len(times)
+    while runner.is_alive() and len(times) < n_before_end + AFTER_TOKENS + 5:
+        time.sleep(0.05)
     stop.set()
     runner.join(900)
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
-    before = [b - a for a, b in zip(times, times[1:], strict=False) if b <= t0][5:]
-    # Gaps that overlap the prefill (the one that spans its end included).
-    during = [b - a for a, b in zip(times, times[1:], strict=False) if b > t0 and a < t1]
+    pairs = list(zip(times, times[1:], strict=False))
+    before = [b - a for a, b in pairs if b <= t0][5:]
+    # Gaps that overlap the prefill (the one that spans its end included), with the stream's token index.
+    during = [(i, b - a) for i, (a, b) in enumerate(pairs) if b > t0 and a < t1]
+    after = [b - a for a, b in pairs if a >= t1][2:AFTER_TOKENS + 2]
     if len(before) < 5:
         raise RuntimeError(f"{url}: the stream gave {len(times)} tokens, too few before the long prompt")
     steady_gap = statistics.median(before)
-    worst = max(during) if during else max(gaps)
+    steady_after = statistics.median(after) if len(after) >= 5 else steady_gap
+    i0, i1 = STEADY_TOKENS // 2, (during[-1][0] + 1) if during else 1
+    def steady_at(i: int) -> float:  # the stream's steady gap at its i-th token, by tokens between before and after
+        return steady_gap + (steady_after - steady_gap) * min(max((i - i0) / max(i1 - i0, 1), 0.0), 1.0)
+    gaps_during = [g for _, g in during]
+    worst = max(gaps_during) if gaps_during else max(b - a for a, b in pairs)
+    own = [g / steady_at(i) for i, g in during]
     return {"prompt_tokens": answer["usage"]["prompt_tokens"], "steady_ms": steady_gap * 1000,
-            "worst_ms": worst * 1000, "ratio": worst / steady_gap, "ttft_s": t1 - t0,
+            "steady_after_ms": steady_after * 1000, "worst_ms": worst * 1000, "ratio": worst / steady_gap,
+            "ratio_at_length": max(own) if own else worst / steady_gap, "ttft_s": t1 - t0,
             "tokens_during": len(during),
-            "median_during_ratio": statistics.median(during) / steady_gap if during else 0.0,
-            "p90_during_ratio": sorted(during)[int(0.9 * (len(during) - 1))] / steady_gap if during else 0.0}
+            "median_during_ratio": statistics.median(gaps_during) / steady_gap if during else 0.0,
+            "p90_during_ratio": sorted(gaps_during)[int(0.9 * (len(during) - 1))] / steady_gap if during else 0.0,
+            "median_at_length": statistics.median(own) if own else 0.0}
 
 
 def _step_cost(ctx, batch, tokens: list[int], n: int) -> float:  # type: ignore[no-untyped-def]

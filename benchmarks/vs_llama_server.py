@@ -15,7 +15,9 @@ yields exactly ``--tokens`` tokens. Reported:
 - aggregate tok/s at each client count (tokens of all requests / wall time of the level, prefills included),
   and each stream's decode rate (first to last token, median);
 - the worst inter-token gap of a running stream while a ~1,000-token prompt (``max_tokens`` 1, never cached:
-  every round's prompt starts with a new number) arrives on another connection, over the stream's steady gap.
+  every round's prompt starts with a new number) arrives on another connection, over the stream's steady gap
+  before the prompt, and over its steady gap at the length it had then (a stream's steps slow down as it grows;
+  see ``prefill_gap.one_round``).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def main() -> None:
     parser.add_argument("--prompt-words", type=int, default=750, help="about 1,000 tokens")
     parser.add_argument("--ours-extra", default="", help="more flags for llama-inference serve")
     parser.add_argument("--theirs-extra", default="", help="more flags for llama-server")
+    parser.add_argument("--ours-log", help="keep our server's log here (with --ours-extra=--log-level=debug: "
+                        "a line per engine step)")
     parser.add_argument("--out", default="benchmarks/results/vs_llama_server.json")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",") if x]
@@ -64,7 +68,7 @@ def main() -> None:
     levels_out: list[Level] = []
     gaps: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
     extra: dict[str, object] = {"ignore_eos": True, "stream_options": {"include_usage": True}}
-    with running(ours_cmd, servers["llama-inference"] + "/ready", timeout=900), \
+    with running(ours_cmd, servers["llama-inference"] + "/ready", timeout=900, log_path=args.ours_log), \
             running(theirs_cmd, servers["llama-server"] + "/health", timeout=900):
         for url in servers.values():  # warm-up, not counted
             asyncio.run(run_level(url, "openai", 1, 1, 8, model="model", extra=extra))
@@ -98,14 +102,16 @@ def main() -> None:
               f"{theirs.per_stream_tps:.2f} | {ours.per_stream_tps / theirs.per_stream_tps:.2f}x | "
               f"{ours.ttft_p50_ms:.0f} | {theirs.ttft_p50_ms:.0f} | {ours.errors} / {theirs.errors} |")
     if args.gap_rounds:
-        print("\n| server | prompt tokens | steady gap ms | worst gap ms | worst / steady | median / steady during "
-              "| p90 / steady during | tokens during prefill | long prompt TTFT s |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("\n| server | prompt tokens | steady gap ms: before | after | worst gap ms | worst / steady before "
+              "| worst / steady at its length | median / steady during | p90 / steady during | tokens during prefill "
+              "| long prompt TTFT s |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for name, rows in gaps.items():
             def med(key: str, rows: list[dict[str, float]] = rows) -> float:
                 return statistics.median(row[key] for row in rows)
-            print(f"| {name} | {int(med('prompt_tokens'))} | {med('steady_ms'):.0f} | {med('worst_ms'):.0f} | "
-                  f"**{med('ratio'):.2f}** | {med('median_during_ratio'):.2f} | {med('p90_during_ratio'):.2f} | "
+            print(f"| {name} | {int(med('prompt_tokens'))} | {med('steady_ms'):.0f} | {med('steady_after_ms'):.0f} | "
+                  f"{med('worst_ms'):.0f} | **{med('ratio'):.2f}** | **{med('ratio_at_length'):.2f}** | "
+                  f"{med('median_during_ratio'):.2f} | {med('p90_during_ratio'):.2f} | "
                   f"{int(med('tokens_during'))} | {med('ttft_s'):.1f} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
