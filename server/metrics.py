@@ -110,8 +110,12 @@ class Metrics:
         self.queue_depth = Gauge("llama_queue_depth", "Requests waiting for a slot", registry=r)
         self.slots_busy = Gauge("llama_slots_busy", "Slots serving a request", registry=r)
         self.slots_total = Gauge("llama_slots_total", "Parallel slots", registry=r)
-        self.kv_cache_tokens = Gauge("llama_kv_cache_tokens", "KV-cache cells holding a token", registry=r)
-        self.kv_cache_usage = Gauge("llama_kv_cache_usage_ratio", "Used share of the KV cache", registry=r)
+        # With KV_UNIFIED a prefix shared between slots is held once but counted for each slot that holds it
+        # (llama.cpp no longer exposes the count of used cells).
+        self.kv_cache_tokens = Gauge("llama_kv_cache_tokens", "Tokens the slots hold in the KV cache (a prefix "
+                                     "shared by several slots counts for each)", registry=r)
+        self.kv_cache_usage = Gauge("llama_kv_cache_usage_ratio", "Used share of the KV cache (at most 1)",
+                                    registry=r)
         self.ready = Gauge("llama_ready", "1 once the model is loaded and the server takes requests", registry=r)
 
     def bind_state(
@@ -126,7 +130,7 @@ class Metrics:
         self.queue_depth.set_function(queue_depth)
         self.slots_busy.set_function(slots_busy)
         self.kv_cache_tokens.set_function(kv_tokens)
-        self.kv_cache_usage.set_function(lambda: kv_tokens() / kv_capacity if kv_capacity else 0.0)
+        self.kv_cache_usage.set_function(lambda: min(kv_tokens() / kv_capacity, 1.0) if kv_capacity else 0.0)
         self.slots_total.set(slots_total)
 
     def bind_model(self, labels: Callable[[], Mapping[str, str]]) -> None:
