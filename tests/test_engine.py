@@ -30,6 +30,7 @@ SYSTEM = ("You are a helpful assistant who answers questions about the sea, ship
 
 @dataclass
 class FakeSlot:
+    seq_id: int = 0
     tokens: list[int] = field(default_factory=list)
     prompt_len: int = 0
     last_used: float = 0.0
@@ -56,6 +57,22 @@ def test_with_no_empty_slot_the_most_similar_then_the_least_recently_used() -> N
     assert choose_slot([other, a], system + [2, 3], "", True) == (a, 60)  # keeps 60 of its 70 cells
     short = FakeSlot(tokens=system[:10] + [1] * 60, prompt_len=70, last_used=5.0)
     assert choose_slot([other, short], system, "", True) == (other, 0)  # 10 of 70 kept: not worth it: LRU
+
+
+def test_with_a_kv_stream_per_slot_a_new_request_sits_next_to_the_busy_slots() -> None:
+    """llama.cpp decodes sequences of separate KV streams in one micro-batch only while their ids are consecutive."""
+    empty = [FakeSlot(seq_id=i) for i in (0, 2, 3)]  # slot 1 is generating
+    assert choose_slot(empty, [1, 2], "", True, frozenset({1}))[0].seq_id == 0
+    assert choose_slot(empty[1:], [1, 2], "", True, frozenset({1}))[0].seq_id == 2
+    assert choose_slot(empty, [1, 2], "", True)[0].seq_id == 0  # nothing busy (or one cache): the first
+    # No empty slot and nothing worth keeping: the least recently used of those next to a busy slot.
+    held = [FakeSlot(seq_id=i, tokens=[9] * 50, prompt_len=50, last_used=t) for i, t in ((1, 3.0), (2, 2.0), (3, 1.0))]
+    assert choose_slot(held, [1, 2], "", True, frozenset({0}))[0].seq_id == 1
+    assert choose_slot(held, [1, 2], "", True, frozenset({1, 2}))[0].seq_id == 3
+    assert choose_slot(held, [1, 2], "", True)[0].seq_id == 3  # plain least recently used
+    # A slot's own conversation is not moved for it.
+    own = FakeSlot(seq_id=3, tokens=[5] * 20 + [6] * 10, prompt_len=20, last_used=0.5)
+    assert choose_slot([*held[:2], own], [5] * 20 + [6] * 10 + [7], "", True, frozenset({0})) == (own, 30)
 
 
 def test_cells_are_shared_only_within_a_cache_scope() -> None:

@@ -383,7 +383,8 @@ class Engine:
     def _start(self, handle: RequestHandle, free: list[_Slot]) -> None:
         prompt = handle.request.prompt_tokens
         scope = handle.request.cache_scope
-        slot, shared = choose_slot(free, prompt, scope, handle.request.cache_prompt)
+        busy = frozenset() if self._ctx.kv_unified else frozenset(s.seq_id for s in self._slots if s.active)
+        slot, shared = choose_slot(free, prompt, scope, handle.request.cache_prompt, busy)
         if handle.request.cache_prompt and self._partial_reuse:
             # A new conversation whose system prompt another slot holds starts from a copy of those cells.
             donor, n = best_donor(self._slots, prompt, scope)
