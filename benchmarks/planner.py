@@ -112,20 +112,22 @@ class Memory:
     kv_cache: float
     compute: float
     runtime: float
+    prompt_cache: float = 0.0  # CACHE_RAM_MIB: filled up to its limit as conversations lose their slots
 
     @property
     def total(self) -> float:
-        return self.weights + self.weights_repacked_copy + self.kv_cache + self.compute + self.runtime
+        return (self.weights + self.weights_repacked_copy + self.kv_cache + self.compute + self.runtime
+                + self.prompt_cache)
 
 
 def predict_memory(shape: Shape, *, weights_bytes: float, quant: str, ctx_size: int, batch_size: int = 512,
-                   kv_type: str = "f16", use_mmap: bool = True) -> Memory:
+                   kv_type: str = "f16", use_mmap: bool = True, cache_ram_bytes: float = 0.0) -> Memory:
     kv = 2 * shape.n_layer * ctx_size * shape.kv_width * KV_BYTES[kv_type]
     # Compute buffers: the logits of a micro-batch dominate (vocabulary x tokens x 4 bytes), plus activations.
     compute = 4 * batch_size * (shape.n_vocab + 4 * shape.n_embd + 2 * shape.n_ff)
     repacked = weights_bytes if (use_mmap and quant in REPACKED and shape.n_embd % 256 == 0) else 0.0
     return Memory(weights=weights_bytes, weights_repacked_copy=repacked, kv_cache=kv, compute=compute,
-                  runtime=RUNTIME_BYTES)
+                  runtime=RUNTIME_BYTES, prompt_cache=cache_ram_bytes)
 
 
 # How close llama.cpp gets to the machine's limits, measured on this project's 2-core machine with a
@@ -221,6 +223,7 @@ def deploy_env(settings: Settings, cache_type: str, model_path: str | None = Non
         "CTX_SIZE": str(settings.ctx_size), "PARALLEL": str(settings.parallel), "N_THREADS": str(settings.n_threads),
         "BATCH_SIZE": str(settings.batch_size), "CACHE_TYPE": cache_type,
         "USE_MMAP": str(settings.use_mmap).lower(), "FLASH_ATTN": str(settings.flash_attn).lower(),
+        "CACHE_RAM_MIB": str(settings.cache_ram_mib),
     })
     return env
 
@@ -242,7 +245,11 @@ def make_plan(shape: Shape, *, quant: str, settings: Settings, weights_bytes: fl
     if settings.cache_type == "auto":
         assumptions.append(f"KV cache {cache_type}: CACHE_TYPE=auto picks q8_0 when an f16 cache would pass 1 GiB")
     mem = predict_memory(shape, weights_bytes=weights_bytes, quant=quant, ctx_size=settings.ctx_size,
-                         batch_size=settings.batch_size, kv_type=cache_type, use_mmap=settings.use_mmap)
+                         batch_size=settings.batch_size, kv_type=cache_type, use_mmap=settings.use_mmap,
+                         cache_ram_bytes=settings.cache_ram_mib * 2**20)
+    if settings.cache_ram_mib:
+        assumptions.append(f"prompt cache: CACHE_RAM_MIB={settings.cache_ram_mib} counted whole (it fills as "
+                           "conversations lose their slots)")
     assumptions.append(f"memory headroom x{HEADROOM} over the sum (allocator slack, page cache); runtime "
                        f"{RUNTIME_BYTES / GIB:.2f} GiB")
     decode = aggregate = ttft = capacity = None

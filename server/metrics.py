@@ -116,6 +116,9 @@ class Metrics:
                                      "shared by several slots counts for each)", registry=r)
         self.kv_cache_usage = Gauge("llama_kv_cache_usage_ratio", "Used share of the KV cache (at most 1)",
                                     registry=r)
+        self.prompt_cache_bytes = Gauge(
+            "llama_prompt_cache_bytes", "Host memory holding the KV cells of conversations that lost their slot "
+            "(CACHE_RAM_MIB)", registry=r)
         self.ready = Gauge("llama_ready", "1 once the model is loaded and the server takes requests", registry=r)
 
     def bind_state(

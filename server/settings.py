@@ -71,6 +71,12 @@ class Settings(BaseSettings):
         "prompt never stalls them. 0 (auto): measured as the engine runs, so that such a step costs about two "
         "decode steps (a running stream's inter-token gap at most doubles).",
     )
+    cache_ram_mib: int = Field(
+        default=0, ge=0, le=1_048_576,
+        description="Host memory (MiB) for a prompt cache: the KV cells of a conversation whose slot goes to "
+        "another prompt are kept there and put back when the conversation returns, as llama-server's "
+        "--cache-ram does. The planner counts it in the pod's memory. 0: off.",
+    )
     waiting_served_ratio: float = Field(
         default=1.0, ge=0.0, le=100.0,
         description="When more prompts wait to be prefilled than this times the streams generating (those past "

@@ -76,7 +76,9 @@ def required_memory_gib(settings: dict[str, str]) -> float:
         return predict_memory(shape, weights_bytes=weights, quant="Q4_K_M", ctx_size=n_ctx, kv_type=kv,
                               use_mmap=use_mmap).total / GIB
 
-    return MEASURED_RSS_GIB[(use_mmap, kv)] + predicted(ctx) - predicted(MEASURED_CTX)
+    # A prompt cache (CACHE_RAM_MIB) fills up to its limit as conversations lose their slots.
+    return MEASURED_RSS_GIB[(use_mmap, kv)] + predicted(ctx) - predicted(MEASURED_CTX) \
+        + int(settings.get("CACHE_RAM_MIB", "0")) / 1024
 
 
 def drain_needed_s(settings: dict[str, str]) -> float:

@@ -94,7 +94,7 @@ def test_plan_env_is_what_serve_runs_with(tmp_path: Path, monkeypatch: pytest.Mo
     assert proc.returncode == 0, proc.stderr
     env = json.loads(proc.stdout)["env"]
     assert env == {"CTX_SIZE": "4096", "PARALLEL": "2", "N_THREADS": "3", "BATCH_SIZE": "512",
-                   "CACHE_TYPE": "q8_0", "USE_MMAP": "false", "FLASH_ATTN": "true"}
+                   "CACHE_TYPE": "q8_0", "USE_MMAP": "false", "FLASH_ATTN": "true", "CACHE_RAM_MIB": "0"}
     serve = settings_from_args(build_parser().parse_args(["serve", *flags]))
     for key, value in env.items():
         monkeypatch.setenv(key, value)

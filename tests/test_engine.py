@@ -18,6 +18,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
+from server.engine.prompt_cache import PromptCache
 from server.engine.scheduling import COPY_MIN_TOKENS, PrefillBudget, choose_slot
 from server.settings import Settings
 from tests.conftest import REPO, LiveServer, free_port, start_server, stop_server, wait_until_ready
@@ -73,6 +74,21 @@ def test_with_a_kv_stream_per_slot_a_new_request_sits_next_to_the_busy_slots() -
     # A slot's own conversation is not moved for it.
     own = FakeSlot(seq_id=3, tokens=[5] * 20 + [6] * 10, prompt_len=20, last_used=0.5)
     assert choose_slot([*held[:2], own], [5] * 20 + [6] * 10 + [7], "", True, frozenset({0})) == (own, 30)
+
+
+def test_prompt_cache_keeps_the_newest_within_its_bytes_and_drops_what_a_longer_entry_covers() -> None:
+    cache = PromptCache(limit_bytes=100)
+    assert cache.put([1, 2, 3], "", b"x" * 40) and cache.put([7, 8], "", b"y" * 40)
+    assert cache.best([1, 2, 3, 4], "")[1] == 3 and cache.best([1, 2], "key")[0] is None  # other scope: nothing
+    cache.put([1, 2, 3, 4, 5], "", b"z" * 30)  # covers [1, 2, 3]: that one goes
+    assert len(cache) == 2 and cache.bytes == 70
+    cache.put([9], "", b"w" * 50)  # over 100 bytes: the oldest ([7, 8]) goes
+    assert cache.best([7, 8], "")[0] is None and cache.bytes == 80
+    assert not cache.put([5], "", b"v" * 101)  # never fits
+    entry, n = cache.best([1, 2, 3, 4, 6], "")
+    assert entry is not None and n == 4
+    cache.take(entry)
+    assert len(cache) == 1 and cache.bytes == 50
 
 
 def test_cells_are_shared_only_within_a_cache_scope() -> None:
@@ -299,6 +315,38 @@ def test_a_prompt_arriving_during_another_prefill_is_not_held_to_the_budget(tmp_
     assert second["usage"]["prompt_tokens"] > 10
     steps = re.findall(r"step: (\d+) streams, \d+ drafted, (\d+) prompt", log)
     assert ("1", "1") not in steps, steps
+
+
+def conversation_after_another(tmp: Path, cache_ram_mib: str) -> tuple[dict, dict, dict, float]:  # type: ignore[type-arg]
+    """Conversation A, then B in A's only slot, then A's next turn; the turn recomputed without any cache, and
+    the prompt cache's bytes while B held the slot."""
+    live = start_server(tmp, "--parallel", "1", "--n-threads", "1", "--cache-ram-mib", cache_ram_mib)
+    a1 = "The keeper of the old lighthouse wrote in his log every evening. " * 6 + "What did he write about?"
+    b1 = "A recipe for bread: flour, water, salt and yeast, kneaded and left to rise overnight. " * 6 + "Why?"
+    try:
+        with httpx.Client(base_url=live.url, timeout=120) as client:
+            first = generate(client, a1)
+            generate(client, b1)
+            metrics = client.get("/metrics").text
+            cache_bytes = float(re.search(r"^llama_prompt_cache_bytes (\S+)$", metrics, re.M)[1])  # type: ignore[index]
+            a2 = a1 + first["text"] + " And then?"
+            second = generate(client, a2)
+            fresh = generate(client, a2, cache_prompt=False)
+    finally:
+        stop_server(live)
+    return first, second, fresh, cache_bytes
+
+
+def test_a_conversation_that_lost_its_slot_gets_its_cells_back_from_host_memory(tmp_path: Path) -> None:
+    first, second, fresh, cache_bytes = conversation_after_another(tmp_path, "64")
+    assert cache_bytes > 0
+    # All of A's first prompt (and the answer's tokens that retokenize the same) came back, not recomputed.
+    assert second["usage"]["cached_tokens"] >= first["usage"]["prompt_tokens"], (second["usage"], first["usage"])
+    assert second["text"] == fresh["text"]  # greedy: the restored cells are the ones a fresh prefill computes
+    # Without the prompt cache, B's prompt took the slot and A's next turn starts over.
+    first, second, fresh, cache_bytes = conversation_after_another(tmp_path, "0")
+    assert cache_bytes == 0
+    assert second["usage"]["cached_tokens"] < 5, second["usage"]
 
 
 def test_a_cancelled_prefill_stops_in_the_middle_of_its_step(tmp_path: Path) -> None:

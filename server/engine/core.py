@@ -27,6 +27,7 @@ from enum import StrEnum
 
 from server.engine.draft import DraftModel
 from server.engine.llama import Batch, LlamaContext, LlamaError, LlamaModel, ModelInfo, system_info
+from server.engine.prompt_cache import Entry, PromptCache
 from server.engine.sampling import GrammarDeadEnd, Sampler
 from server.engine.scheduling import COPY_MIN_TOKENS, PrefillBudget, best_donor, choose_slot
 from server.engine.speculative import DraftLength, NgramIndex
@@ -134,6 +135,7 @@ class Engine:
         self.draining = False  # set on shutdown: no new requests, the ones in flight finish
         self._slots = [_Slot(seq_id=i) for i in range(settings.parallel)]
         self._budget = PrefillBudget(fixed=settings.prefill_budget)
+        self._prompt_cache = PromptCache(settings.cache_ram_mib * 2**20) if settings.cache_ram_mib else None
         self._prefilling_now: frozenset[RequestHandle] = frozenset()  # requests with prompt tokens in this step
         self._draft_model: DraftModel | None = None
         self._progress_at = time.monotonic()  # the engine loop's last turn
@@ -385,12 +387,19 @@ class Engine:
         scope = handle.request.cache_scope
         busy = frozenset() if self._ctx.kv_unified else frozenset(s.seq_id for s in self._slots if s.active)
         slot, shared = choose_slot(free, prompt, scope, handle.request.cache_prompt, busy)
+        if self._prompt_cache is not None and self._partial_reuse:
+            self._stash(slot, shared)
         if handle.request.cache_prompt and self._partial_reuse:
             # A new conversation whose system prompt another slot holds starts from a copy of those cells.
             donor, n = best_donor(self._slots, prompt, scope)
+            n = n if donor is not slot else 0
+            # A conversation that lost its slot gets its cells back from host memory.
+            entry, n_kept = self._prompt_cache.best(prompt, scope) if self._prompt_cache else (None, 0)
             # Sharing cells of a unified cache costs nothing; copying a KV stream pays only for long prefixes.
             copy_min = 1 if self._ctx.kv_unified else COPY_MIN_TOKENS
-            if donor is not None and donor is not slot and n >= shared + copy_min:
+            if entry is not None and n_kept >= max(shared, n) + COPY_MIN_TOKENS:
+                shared = n_kept if self._restore(slot, entry) else 0
+            elif donor is not None and n >= shared + copy_min:
                 self._ctx.seq_copy(donor.seq_id, slot.seq_id, n)
                 slot.tokens = list(donor.tokens)  # cut back to the shared prefix below
                 shared = n
@@ -413,6 +422,32 @@ class Engine:
         self._setup_speculation(slot.active)
         self.metrics.prompt_tokens.inc(len(prompt))
         self.metrics.cached_prompt_tokens.inc(keep)
+
+    def _stash(self, slot: _Slot, keep: int) -> None:
+        """Before ``slot`` is cut back to ``keep`` tokens for another prompt, keep its cells in the host-memory
+        prompt cache (when it holds enough beyond ``keep`` to be worth a copy)."""
+        assert self._prompt_cache is not None
+        if len(slot.tokens) - keep < COPY_MIN_TOKENS:
+            return
+        t0 = time.perf_counter()
+        data = self._ctx.seq_state(slot.seq_id)
+        if self._prompt_cache.put(slot.tokens, slot.scope, data):
+            log.debug("prompt cache: kept %d tokens (%.1f MiB) in %.1f ms; %d entries, %.1f MiB", len(slot.tokens),
+                      len(data) / 2**20, (time.perf_counter() - t0) * 1000, len(self._prompt_cache),
+                      self._prompt_cache.bytes / 2**20)
+        self.metrics.prompt_cache_bytes.set(self._prompt_cache.bytes)
+
+    def _restore(self, slot: _Slot, entry: Entry) -> bool:
+        """Put a cached conversation's cells back into ``slot`` (which keeps nothing of its own)."""
+        assert self._prompt_cache is not None
+        self._prompt_cache.take(entry)
+        self.metrics.prompt_cache_bytes.set(self._prompt_cache.bytes)
+        if not self._ctx.set_seq_state(slot.seq_id, entry.data):  # type: ignore[arg-type]
+            log.warning("prompt cache: llama.cpp refused %d cached tokens; computing them again", len(entry.tokens))
+            slot.tokens = []
+            return False
+        slot.tokens = list(entry.tokens)
+        return True
 
     def _setup_speculation(self, a: _Active) -> None:
         """Whether and how this request speculates: its own ``speculative`` field, else the server's setting;

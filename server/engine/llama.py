@@ -275,6 +275,24 @@ class LlamaContext:
         else:
             llama_cpp.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
 
+    def seq_state(self, seq_id: int) -> ctypes.Array[ctypes.c_uint8]:
+        """The KV cells of ``seq_id``, serialized by llama.cpp (to be put back by :meth:`set_seq_state`)."""
+        size = llama_cpp.llama_state_seq_get_size(self.ptr, seq_id)
+        buf = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(self.ptr, buf, size, seq_id)
+        if written != size:
+            raise LlamaError(f"llama_state_seq_get_data wrote {written} of {size} bytes for sequence {seq_id}")
+        return buf
+
+    def set_seq_state(self, seq_id: int, data: ctypes.Array[ctypes.c_uint8]) -> bool:
+        """Make ``seq_id`` hold exactly the cells ``data`` describes; False (and nothing held) when llama.cpp
+        finds no room for them or refuses the data."""
+        llama_cpp.llama_memory_seq_rm(self.memory, seq_id, 0, -1)
+        if llama_cpp.llama_state_seq_set_data(self.ptr, data, len(data), seq_id) == 0:
+            llama_cpp.llama_memory_seq_rm(self.memory, seq_id, 0, -1)
+            return False
+        return True
+
     def seq_pos_min(self, seq_id: int) -> int:
         """The smallest position ``seq_id`` still holds (-1: none); above 0 when a sliding window dropped cells."""
         return int(llama_cpp.llama_memory_seq_pos_min(self.memory, seq_id))

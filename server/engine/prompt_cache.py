@@ -1,0 +1,73 @@
+"""Prompt cache in host memory: the KV cells of conversations that lost their slot, kept to be put back.
+
+With ``PARALLEL`` slots, a slot holds the cells of the last request it served; a new conversation that takes it
+would throw them away, and a user coming back to that conversation would pay its whole prefill again.
+llama.cpp's own ``llama-server`` keeps such cells in host memory (``--cache-ram``); so does this: before a slot
+is given to another prompt, its cells are serialized (``llama_state_seq_get_data``) into this cache, and a new
+request whose prompt shares more with an entry than with any slot gets them back
+(``llama_state_seq_set_data``). Bounded in bytes, least recently stored entries go first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from server.engine.scheduling import common_prefix
+
+
+class Blob(Protocol):
+    def __len__(self) -> int: ...
+
+
+@dataclass(eq=False)
+class Entry:
+    tokens: list[int]  # the tokens whose cells ``data`` holds, in order
+    scope: str  # cache_scope of the request that filled them: shared only within it
+    data: Blob
+
+
+class PromptCache:
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self._entries: OrderedDict[int, Entry] = OrderedDict()  # oldest first
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def put(self, tokens: Sequence[int], scope: str, data: Blob) -> bool:
+        """Keep ``data`` (the cells of ``tokens``); entries it makes redundant (a prefix of ``tokens``, same scope)
+        go, then the oldest until it fits. False when it can never fit."""
+        if len(data) > self.limit_bytes:
+            return False
+        tokens = list(tokens)
+        for key, e in list(self._entries.items()):
+            if e.scope == scope and len(e.tokens) <= len(tokens) and tokens[:len(e.tokens)] == e.tokens:
+                self._drop(key)
+        while self._entries and self.bytes + len(data) > self.limit_bytes:
+            self._drop(next(iter(self._entries)))
+        entry = Entry(tokens, scope, data)
+        self._entries[id(entry)] = entry
+        self.bytes += len(data)
+        return True
+
+    def best(self, prompt: Sequence[int], scope: str) -> tuple[Entry | None, int]:
+        """The entry sharing the longest prefix with ``prompt`` (same scope), and that length."""
+        best: Entry | None = None
+        n_best = 0
+        for e in self._entries.values():
+            if e.scope == scope:
+                n = common_prefix(e.tokens, prompt)
+                if n > n_best:
+                    best, n_best = e, n
+        return best, n_best
+
+    def take(self, entry: Entry) -> None:
+        """Remove ``entry``: its cells are going back into a slot (which stores them again when it moves on)."""
+        self._drop(id(entry))
+
+    def _drop(self, key: int) -> None:
+        self.bytes -= len(self._entries.pop(key).data)
