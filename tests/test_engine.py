@@ -18,7 +18,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from server.engine.prompt_cache import PromptCache
+from server.engine.prompt_cache import Entry, PromptCache, worth_restoring
 from server.engine.scheduling import COPY_MIN_TOKENS, PrefillBudget, choose_slot
 from server.settings import Settings
 from tests.conftest import REPO, LiveServer, free_port, start_server, stop_server, wait_until_ready
@@ -89,6 +89,9 @@ def test_prompt_cache_keeps_the_newest_within_its_bytes_and_drops_what_a_longer_
     assert entry is not None and n == 4
     cache.take(entry)
     assert len(cache) == 1 and cache.bytes == 50
+    # Putting an entry back copies all its cells: worth it from one token saved per 64 it holds.
+    long = Entry(tokens=list(range(640)), scope="", data=b"")
+    assert not worth_restoring(long, 9) and worth_restoring(long, 10) and not worth_restoring(long, 0)
 
 
 def test_cells_are_shared_only_within_a_cache_scope() -> None:

@@ -27,7 +27,7 @@ from enum import StrEnum
 
 from server.engine.draft import DraftModel
 from server.engine.llama import Batch, LlamaContext, LlamaError, LlamaModel, ModelInfo, system_info
-from server.engine.prompt_cache import Entry, PromptCache
+from server.engine.prompt_cache import Entry, PromptCache, worth_restoring
 from server.engine.sampling import GrammarDeadEnd, Sampler
 from server.engine.scheduling import COPY_MIN_TOKENS, PrefillBudget, best_donor, choose_slot
 from server.engine.speculative import DraftLength, NgramIndex
@@ -397,7 +397,7 @@ class Engine:
             entry, n_kept = self._prompt_cache.best(prompt, scope) if self._prompt_cache else (None, 0)
             # Sharing cells of a unified cache costs nothing; copying a KV stream pays only for long prefixes.
             copy_min = 1 if self._ctx.kv_unified else COPY_MIN_TOKENS
-            if entry is not None and n_kept >= max(shared, n) + COPY_MIN_TOKENS:
+            if entry is not None and worth_restoring(entry, n_kept - max(shared, n)):
                 shared = n_kept if self._restore(slot, entry) else 0
             elif donor is not None and n >= shared + copy_min:
                 self._ctx.seq_copy(donor.seq_id, slot.seq_id, n)
