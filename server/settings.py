@@ -80,9 +80,9 @@ class Settings(BaseSettings):
     waiting_served_ratio: float = Field(
         default=1.0, ge=0.0, le=100.0,
         description="When more prompts wait to be prefilled than this times the streams generating (those past "
-        "their first token), a step takes the waiting prompts that fit in it whole, pausing the streams once, so "
-        "a queue of short prompts starts together instead of a token a step each (text-generation-inference's "
-        "setting of that name). A prompt that does not fit in one step still goes by PREFILL_BUDGET. 0: never.",
+        "their first token), a step takes the short waiting prompts whole (64 tokens in all), pausing the streams "
+        "once, so a queue of short prompts starts together instead of a token a step each "
+        "(text-generation-inference's setting of that name). Longer prompts still go by PREFILL_BUDGET. 0: never.",
     )
     watchdog_timeout_s: float = Field(
         default=120.0, gt=0.0, le=86_400.0,

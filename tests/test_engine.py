@@ -18,7 +18,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from server.engine.prompt_cache import Entry, PromptCache, worth_restoring
+from server.engine.prompt_cache import PromptCache, worth_restoring
 from server.engine.scheduling import COPY_MIN_TOKENS, PrefillBudget, choose_slot
 from server.settings import Settings
 from tests.conftest import REPO, LiveServer, free_port, start_server, stop_server, wait_until_ready
@@ -66,11 +66,13 @@ def test_with_a_kv_stream_per_slot_a_new_request_sits_next_to_the_busy_slots() -
     assert choose_slot(empty, [1, 2], "", True, frozenset({1}))[0].seq_id == 0
     assert choose_slot(empty[1:], [1, 2], "", True, frozenset({1}))[0].seq_id == 2
     assert choose_slot(empty, [1, 2], "", True)[0].seq_id == 0  # nothing busy (or one cache): the first
-    # No empty slot and nothing worth keeping: the least recently used of those next to a busy slot.
+    # No empty slot and nothing worth keeping: the least recently used, whose conversation is the least likely to
+    # come back; when a prompt cache keeps what it gives up, the least recently used next to a busy slot.
     held = [FakeSlot(seq_id=i, tokens=[9] * 50, prompt_len=50, last_used=t) for i, t in ((1, 3.0), (2, 2.0), (3, 1.0))]
-    assert choose_slot(held, [1, 2], "", True, frozenset({0}))[0].seq_id == 1
-    assert choose_slot(held, [1, 2], "", True, frozenset({1, 2}))[0].seq_id == 3
-    assert choose_slot(held, [1, 2], "", True)[0].seq_id == 3  # plain least recently used
+    assert choose_slot(held, [1, 2], "", True, frozenset({0}))[0].seq_id == 3
+    assert choose_slot(held, [1, 2], "", True, frozenset({0}), evict_freely=True)[0].seq_id == 1
+    assert choose_slot(held, [1, 2], "", True, frozenset({1, 2}), evict_freely=True)[0].seq_id == 3
+    assert choose_slot(held, [1, 2], "", True, evict_freely=True)[0].seq_id == 3  # nothing busy: plain LRU
     # A slot's own conversation is not moved for it.
     own = FakeSlot(seq_id=3, tokens=[5] * 20 + [6] * 10, prompt_len=20, last_used=0.5)
     assert choose_slot([*held[:2], own], [5] * 20 + [6] * 10 + [7], "", True, frozenset({0})) == (own, 30)
@@ -90,8 +92,7 @@ def test_prompt_cache_keeps_the_newest_within_its_bytes_and_drops_what_a_longer_
     cache.take(entry)
     assert len(cache) == 1 and cache.bytes == 50
     # Putting an entry back copies all its cells: worth it from one token saved per 64 it holds.
-    long = Entry(tokens=list(range(640)), scope="", data=b"")
-    assert not worth_restoring(long, 9) and worth_restoring(long, 10) and not worth_restoring(long, 0)
+    assert not worth_restoring(640, 9) and worth_restoring(640, 10) and not worth_restoring(640, 0)
 
 
 def test_cells_are_shared_only_within_a_cache_scope() -> None:
@@ -298,6 +299,30 @@ def test_prompts_queueing_beside_a_stream_start_together(tmp_path: Path) -> None
     assert steps_off and max(prompt for _, prompt in steps_off) == 1, steps_off
     # The same greedy text whichever way the prompts went in.
     assert together == apart
+
+
+def test_a_long_prompt_in_the_queue_does_not_stall_the_stream(tmp_path: Path) -> None:
+    """Queued beside a stream with two short prompts, a long one is not taken whole: steps beside the stream carry
+    the short prompts (64 tokens in all at most) and the long one's budget, never the long one at once."""
+    live = start_server(tmp_path, "--parallel", "4", "--n-threads", "1", "--prefill-budget", "1", "--log-level",
+                        "debug")
+    long_prompt = "The keeper climbed the stairs of the old lighthouse every evening at dusk. " * 20  # ~300
+    try:
+        times: list[float] = []
+        started = threading.Event()
+        runner = threading.Thread(target=stream_token_times, args=(live.url, "Once upon a time", 800, times, started))
+        runner.start()
+        started.wait(60)
+        with httpx.Client(base_url=live.url, timeout=300) as client, ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(lambda p: generate(client, p, max_length=2, cache_prompt=False),
+                                    [long_prompt, *QUEUED[:2]]))
+        runner.join(300)
+        log = live.log()
+    finally:
+        stop_server(live)
+    assert answers[0]["usage"]["prompt_tokens"] > 200
+    beside = [int(m[1]) for m in re.finditer(r"step: [1-9]\d* streams, \d+ drafted, (\d+) prompt", log)]
+    assert beside and max(beside) <= 64 + 1, sorted(beside)[-5:]
 
 
 def test_a_prompt_arriving_during_another_prefill_is_not_held_to_the_budget(tmp_path: Path) -> None:

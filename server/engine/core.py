@@ -29,7 +29,7 @@ from server.engine.draft import DraftModel
 from server.engine.llama import Batch, LlamaContext, LlamaError, LlamaModel, ModelInfo, system_info
 from server.engine.prompt_cache import Entry, PromptCache, worth_restoring
 from server.engine.sampling import GrammarDeadEnd, Sampler
-from server.engine.scheduling import COPY_MIN_TOKENS, PrefillBudget, best_donor, choose_slot
+from server.engine.scheduling import COPY_MIN_TOKENS, QUEUE_STEP_TOKENS, PrefillBudget, best_donor, choose_slot
 from server.engine.speculative import DraftLength, NgramIndex
 from server.engine.text import TextStream
 from server.engine.types import (
@@ -136,6 +136,7 @@ class Engine:
         self._slots = [_Slot(seq_id=i) for i in range(settings.parallel)]
         self._budget = PrefillBudget(fixed=settings.prefill_budget)
         self._prompt_cache = PromptCache(settings.cache_ram_mib * 2**20) if settings.cache_ram_mib else None
+        self._copy_pending: set[int] = set()  # sequences in a KV-stream copy llama.cpp makes at the next decode
         self._prefilling_now: frozenset[RequestHandle] = frozenset()  # requests with prompt tokens in this step
         self._draft_model: DraftModel | None = None
         self._progress_at = time.monotonic()  # the engine loop's last turn
@@ -317,6 +318,11 @@ class Engine:
         # Cutting a sequence back to a shared prefix needs memory that keeps every cell of it: not recurrent
         # state (Mamba, RWKV, hybrids), and with sliding-window attention only while the window's cells remain.
         self._partial_reuse = not self.model.recurrent
+        if self._prompt_cache is not None and (self.model.n_swa or not self._partial_reuse):
+            # A restored sliding-window sequence would mostly be cut back to nothing (_cut_back's window check).
+            log.warning("CACHE_RAM_MIB: no prompt cache for a %s model", "sliding-window" if self.model.n_swa
+                        else "recurrent")
+            self._prompt_cache = None
         log.info(
             "model loaded in %.2fs: %s (%s, %.2f GiB, %d params); %d slots x %d tokens, KV cache %s, mmap %s, "
             "%d threads, prompt-prefix reuse %s", time.perf_counter() - t0, self.info.path, self.info.description,
@@ -386,23 +392,36 @@ class Engine:
         prompt = handle.request.prompt_tokens
         scope = handle.request.cache_scope
         busy = frozenset() if self._ctx.kv_unified else frozenset(s.seq_id for s in self._slots if s.active)
-        slot, shared = choose_slot(free, prompt, scope, handle.request.cache_prompt, busy)
-        if self._prompt_cache is not None and self._partial_reuse:
-            self._stash(slot, shared)
+        slot, shared = choose_slot(free, prompt, scope, handle.request.cache_prompt, busy,
+                                   evict_freely=self._prompt_cache is not None)
+        # Cells a queued KV-stream copy has yet to move (at the next decode) must not be read or overwritten now.
+        cache = None if slot.seq_id in self._copy_pending else self._prompt_cache
+        entry: Entry | None = None
+        donor: _Slot | None = None
         if handle.request.cache_prompt and self._partial_reuse:
             # A new conversation whose system prompt another slot holds starts from a copy of those cells.
             donor, n = best_donor(self._slots, prompt, scope)
-            n = n if donor is not slot else 0
-            # A conversation that lost its slot gets its cells back from host memory.
-            entry, n_kept = self._prompt_cache.best(prompt, scope) if self._prompt_cache else (None, 0)
             # Sharing cells of a unified cache costs nothing; copying a KV stream pays only for long prefixes.
             copy_min = 1 if self._ctx.kv_unified else COPY_MIN_TOKENS
-            if entry is not None and worth_restoring(entry, n_kept - max(shared, n)):
-                shared = n_kept if self._restore(slot, entry) else 0
-            elif donor is not None and n >= shared + copy_min:
-                self._ctx.seq_copy(donor.seq_id, slot.seq_id, n)
-                slot.tokens = list(donor.tokens)  # cut back to the shared prefix below
-                shared = n
+            if donor is slot or n < shared + copy_min:
+                donor, n = None, shared
+            # A conversation that lost its slot gets its cells back from host memory.
+            entry, n_kept = cache.best(prompt, scope) if cache is not None else (None, 0)
+            if cache is not None and entry is not None and worth_restoring(len(entry.tokens), n_kept - n):
+                donor = None
+                cache.take(entry)  # before the stash below, which could evict it
+            else:
+                entry = None
+        if cache is not None:  # what the slot loses goes to host memory first
+            self._stash(slot, 0 if entry is not None or donor is not None else shared)
+        if entry is not None:
+            shared = n_kept if self._restore(slot, entry) else 0
+        elif donor is not None:
+            self._ctx.seq_copy(donor.seq_id, slot.seq_id, n)
+            if not self._ctx.kv_unified:
+                self._copy_pending |= {donor.seq_id, slot.seq_id}
+            slot.tokens = list(donor.tokens)  # cut back to the shared prefix below
+            shared = n
         # At least one prompt token is always decoded, to get logits for the first sample.
         keep = self._cut_back(slot, min(shared, len(prompt) - 1))
         slot.scope, slot.prompt_len = scope, len(prompt)
@@ -425,22 +444,28 @@ class Engine:
 
     def _stash(self, slot: _Slot, keep: int) -> None:
         """Before ``slot`` is cut back to ``keep`` tokens for another prompt, keep its cells in the host-memory
-        prompt cache (when it holds enough beyond ``keep`` to be worth a copy)."""
-        assert self._prompt_cache is not None
-        if len(slot.tokens) - keep < COPY_MIN_TOKENS:
+        prompt cache, when what it loses could ever be worth putting back. A failure only loses the cache entry."""
+        cache = self._prompt_cache
+        assert cache is not None
+        if not worth_restoring(len(slot.tokens), len(slot.tokens) - keep):
             return
         t0 = time.perf_counter()
-        data = self._ctx.seq_state(slot.seq_id)
-        if self._prompt_cache.put(slot.tokens, slot.scope, data):
+        try:
+            size = self._ctx.seq_state_size(slot.seq_id)
+            if not 0 < size <= cache.limit_bytes:
+                return
+            kept = cache.put(slot.tokens, slot.scope, self._ctx.seq_state(slot.seq_id))
+        except (LlamaError, MemoryError) as exc:
+            log.warning("prompt cache: could not keep %d tokens: %s", len(slot.tokens), exc)
+            return
+        if kept:
             log.debug("prompt cache: kept %d tokens (%.1f MiB) in %.1f ms; %d entries, %.1f MiB", len(slot.tokens),
-                      len(data) / 2**20, (time.perf_counter() - t0) * 1000, len(self._prompt_cache),
-                      self._prompt_cache.bytes / 2**20)
-        self.metrics.prompt_cache_bytes.set(self._prompt_cache.bytes)
+                      size / 2**20, (time.perf_counter() - t0) * 1000, len(cache), cache.bytes / 2**20)
+        self.metrics.prompt_cache_bytes.set(cache.bytes)
 
     def _restore(self, slot: _Slot, entry: Entry) -> bool:
-        """Put a cached conversation's cells back into ``slot`` (which keeps nothing of its own)."""
+        """Put a cached conversation's cells (already taken out of the cache) back into ``slot``."""
         assert self._prompt_cache is not None
-        self._prompt_cache.take(entry)
         self.metrics.prompt_cache_bytes.set(self._prompt_cache.bytes)
         if not self._ctx.set_seq_state(slot.seq_id, entry.data):  # type: ignore[arg-type]
             log.warning("prompt cache: llama.cpp refused %d cached tokens; computing them again", len(entry.tokens))
@@ -495,11 +520,15 @@ class Engine:
         # Streams with one token so far were prefilled while these prompts arrived: no pace to keep yet (two
         # requests a few ms apart would otherwise go one whole, the other a token a step beside it).
         paced = sum(1 for slot, _ in added if slot.active is not None and slot.active.n_generated > 1)
-        # A queue of prompts outgrowing the streams: the ones that fit in this step start together (one pause of
-        # the streams) rather than a token a step each, one after another.
+        # A queue of prompts outgrowing the streams: the short ones start together (one short pause of the
+        # streams) rather than a token a step each, one after another.
         whole = bool(n_decode and ratio and len(waiting) > ratio * paced
-                     and self._add_prompts(batch, waiting, batch.free, added, outputs, whole=True))
-        if not whole:
+                     and self._add_prompts(batch, waiting, min(batch.free, QUEUE_STEP_TOKENS), added, outputs,
+                                           whole=True))
+        if whole:  # the prompts that did not fit whole still advance by the budget
+            taken = {id(slot) for slot, _ in added[n_decode:]}
+            waiting = [slot for slot in waiting if id(slot) not in taken]
+        if waiting:
             # Drafts lengthen the step like prompt tokens do: they come out of the prompts' budget (which still
             # advances a prompt by at least one token).
             room = max(min(1, batch.free), self._budget.tokens(batch.free) - n_drafts) if n_decode else batch.free
@@ -510,6 +539,7 @@ class Engine:
         if any(h.cancelled for h in prefilling):
             self._ctx.abort()  # cancelled between the loop's check and now: the step stops at once
         started = time.perf_counter()
+        self._copy_pending.clear()  # llama.cpp makes the queued copies at the start of this decode
         try:
             done = self._ctx.decode(batch)
         except LlamaError as exc:

@@ -275,9 +275,15 @@ class LlamaContext:
         else:
             llama_cpp.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
 
+    def seq_state_size(self, seq_id: int) -> int:
+        """Bytes :meth:`seq_state` takes for ``seq_id`` (0: llama.cpp cannot serialize it)."""
+        return int(llama_cpp.llama_state_seq_get_size(self.ptr, seq_id))
+
     def seq_state(self, seq_id: int) -> ctypes.Array[ctypes.c_uint8]:
         """The KV cells of ``seq_id``, serialized by llama.cpp (to be put back by :meth:`set_seq_state`)."""
-        size = llama_cpp.llama_state_seq_get_size(self.ptr, seq_id)
+        size = self.seq_state_size(seq_id)
+        if size == 0:
+            raise LlamaError(f"llama.cpp cannot serialize sequence {seq_id}")
         buf = (ctypes.c_uint8 * size)()
         written = llama_cpp.llama_state_seq_get_data(self.ptr, buf, size, seq_id)
         if written != size:

@@ -35,9 +35,10 @@ class Entry:
 RESTORE_TOKENS_PER_SAVED = 64
 
 
-def worth_restoring(entry: Entry, gain: int) -> bool:
-    """Whether putting ``entry`` back, to save ``gain`` prompt tokens over the best a slot offers, pays."""
-    return gain > 0 and gain * RESTORE_TOKENS_PER_SAVED >= len(entry.tokens)
+def worth_restoring(n_tokens: int, gain: int) -> bool:
+    """Whether putting back an entry of ``n_tokens``, to save ``gain`` prompt tokens over the best a slot offers,
+    pays (and so whether cells a slot gives up are worth keeping)."""
+    return gain > 0 and gain * RESTORE_TOKENS_PER_SAVED >= n_tokens
 
 
 class PromptCache:

@@ -15,6 +15,9 @@ KEEP_SHARE = 0.5
 # prefill: the copy moves the whole KV stream of a slot (a few tens of ms on a 7B), so short prefixes are
 # cheaper to compute.
 COPY_MIN_TOKENS = 32
+# While streams are generating, a step takes queued prompts whole (WAITING_SERVED_RATIO) only up to this many
+# tokens in all: the streams pause once, for a few dozen tokens' prefill, not for a long prompt.
+QUEUE_STEP_TOKENS = 64
 
 
 class CachedSlot(Protocol):
@@ -37,7 +40,7 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def choose_slot(free: Sequence[S], prompt: Sequence[int], scope: str, reuse: bool,
-                busy: frozenset[int] = frozenset()) -> tuple[S, int]:
+                busy: frozenset[int] = frozenset(), *, evict_freely: bool = False) -> tuple[S, int]:
     """The free slot a request takes, and how many of its cached tokens the prompt shares.
 
     As llama-server, by similarity, then least recently used; but without llama-server's host-memory prompt
@@ -48,8 +51,10 @@ def choose_slot(free: Sequence[S], prompt: Sequence[int], scope: str, reuse: boo
 
     ``busy``: the sequence ids of the slots generating, when each slot has its own KV stream. llama.cpp decodes
     such sequences in one micro-batch only while their ids are consecutive (each run of them is another pass
-    over the weights: +15-25% a step for two streams on the 7B shape here), so an empty or least recently used
-    slot next to a busy one is taken first.
+    over the weights: +15-25% a step for two streams on the 7B shape here), so an empty slot next to a busy one
+    is taken first; so is the least recently used one next to a busy one when ``evict_freely`` (a prompt cache
+    keeps what the slot gives up), and otherwise the least recently used one, whose conversation is the least
+    likely to come back.
     """
     shared = {id(s): common_prefix(s.tokens, prompt) if reuse and s.scope == scope and s.tokens else 0
               for s in free}
@@ -76,7 +81,7 @@ def choose_slot(free: Sequence[S], prompt: Sequence[int], scope: str, reuse: boo
         return min(empty, key=lambda s: (apart(s), s.seq_id)), 0
     if similar := [s for s in free if keeps_most(s)]:
         return best(similar)
-    slot = min(free, key=lambda s: (apart(s), s.last_used))
+    slot = min(free, key=lambda s: (evict_freely and apart(s), s.last_used))
     return slot, shared[id(slot)]
 
 
