@@ -114,9 +114,10 @@ def _download_from(url: str, headers: dict[str, str], part: Path, have: int, pro
     with httpx.stream("GET", url, headers=range_headers, follow_redirects=True, timeout=60) as response:
         if response.status_code not in (200, 206):
             response.raise_for_status()
-        if response.status_code == 206 and not response.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+        if have and response.status_code == 206 and \
+                not response.headers.get("Content-Range", "").lower().startswith(f"bytes {have}-"):
             # Bytes from another offset than asked: appending them would corrupt the file; start it over.
-            part.unlink()
+            part.unlink(missing_ok=True)
             progress.reset()
             raise _WrongRange(f"asked for bytes {have}-, got {response.headers.get('Content-Range')!r}")
         # 200 to a Range request: the server sends the whole file, so start it over.
