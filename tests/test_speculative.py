@@ -221,9 +221,14 @@ def test_rejected_drafts_leave_no_trace_in_the_cache(tmp_path: Path) -> None:
         reset = {"prompt": "Unrelated: the weather is", "max_length": 2, "temperature": 0}
         httpx.post(url + "/generate", json=reset, timeout=60)
         plain_first, plain_second = pair(False)
-        httpx.post(url + "/generate", json=reset, timeout=60)
-        spec_first, spec_second = pair(True)
-        timings = spec_first["timings"]
+        # Whether a request drafts at all follows the engine's measured cost of a drafted token, which sits near
+        # the prior's acceptance on this model and CPU: a run may not draft, so up to three tries.
+        for _ in range(3):
+            httpx.post(url + "/generate", json=reset, timeout=60)
+            spec_first, spec_second = pair(True)
+            timings = spec_first["timings"]
+            if timings["draft_tokens"] > timings["draft_accepted"]:  # type: ignore[index]
+                break
         assert timings["draft_tokens"] > timings["draft_accepted"], "no draft was rejected: nothing tested"  # type: ignore[index]
         assert spec_first["text"] == plain_first["text"]
         assert spec_second["usage"]["cached_tokens"] > 0  # type: ignore[index]
