@@ -4,8 +4,8 @@ With ``PARALLEL`` slots, a slot holds the cells of the last request it served; a
 would throw them away, and a user coming back to that conversation would pay its whole prefill again.
 llama.cpp's own ``llama-server`` keeps such cells in host memory (``--cache-ram``); so does this: before a slot
 is given to another prompt, its cells are serialized (``llama_state_seq_get_data``) into this cache, and a new
-request whose prompt shares more with an entry than with any slot gets them back
-(``llama_state_seq_set_data``). Bounded in bytes, least recently stored entries go first.
+request whose prompt shares enough more with an entry than with any slot (:func:`worth_restoring`) gets them
+back (``llama_state_seq_set_data``). Bounded in bytes, least recently stored entries go first.
 """
 
 from __future__ import annotations
