@@ -266,62 +266,48 @@ QUEUED = [f"Question {i}: what does the keeper of the old lighthouse do every ev
           for i in range(3)]
 
 
-def queued_prompts_beside_a_stream(tmp: Path, ratio: str) -> tuple[list[str], list[tuple[int, int]]]:
-    """A stream runs; three prompts arrive together. Returns their texts and the steps the engine logged beside
-    the stream (streams, prompt tokens)."""
+def prompts_beside_a_stream(tmp: Path, prompts: list[str], *args: str, stream_tokens: int = 400,
+                            max_length: int = 4) -> tuple[list[dict], list[int]]:  # type: ignore[type-arg]
+    """A stream runs (budget one prompt token a step); ``prompts`` arrive together. Returns their answers and the
+    prompt tokens of each step the engine logged beside the stream."""
     live = start_server(tmp, "--parallel", "4", "--n-threads", "1", "--prefill-budget", "1", "--log-level", "debug",
-                        "--waiting-served-ratio", ratio)
+                        *args)
     try:
         times: list[float] = []
         started = threading.Event()
-        runner = threading.Thread(target=stream_token_times, args=(live.url, "Once upon a time", 400, times, started))
+        runner = threading.Thread(target=stream_token_times,
+                                  args=(live.url, "Once upon a time", stream_tokens, times, started))
         runner.start()
         started.wait(60)
-        with httpx.Client(base_url=live.url, timeout=120) as client, ThreadPoolExecutor(3) as pool:
-            texts = [r["text"] for r in pool.map(lambda p: generate(client, p, max_length=4, cache_prompt=False),
-                                                 QUEUED)]
-        runner.join(120)
+        with httpx.Client(base_url=live.url, timeout=300) as client, ThreadPoolExecutor(len(prompts)) as pool:
+            answers = list(pool.map(lambda p: generate(client, p, max_length=max_length, cache_prompt=False),
+                                    prompts))
+        runner.join(300)
         log = live.log()
     finally:
         stop_server(live)
-    steps = [(int(m[1]), int(m[2])) for m in re.finditer(r"step: (\d+) streams, \d+ drafted, (\d+) prompt", log)]
-    return texts, [(streams, prompt) for streams, prompt in steps if streams]
+    return answers, [int(m[1]) for m in re.finditer(r"step: [1-9]\d* streams, \d+ drafted, (\d+) prompt", log)]
 
 
 def test_prompts_queueing_beside_a_stream_start_together(tmp_path: Path) -> None:
     """More prompts wait than streams run: the short ones are prefilled whole in one step (a single pause of the
     stream) instead of a token a step each, one after the other; with the ratio off, never more than the budget."""
-    together, steps = queued_prompts_beside_a_stream(tmp_path, "1.0")
+    together, steps = prompts_beside_a_stream(tmp_path, QUEUED, "--waiting-served-ratio", "1.0")
     n_prompt = len(QUEUED[0].split())  # fewer words than tokens
     # At least two of the three waited at once (the third may have come a step later) and went in one step.
-    assert any(prompt >= 2 * n_prompt for streams, prompt in steps), steps
-    apart, steps_off = queued_prompts_beside_a_stream(tmp_path, "0")
-    assert steps_off and max(prompt for _, prompt in steps_off) == 1, steps_off
+    assert any(prompt >= 2 * n_prompt for prompt in steps), steps
+    apart, steps_off = prompts_beside_a_stream(tmp_path, QUEUED, "--waiting-served-ratio", "0")
+    assert steps_off and max(steps_off) == 1, steps_off
     # The same greedy text whichever way the prompts went in.
-    assert together == apart
+    assert [a["text"] for a in together] == [a["text"] for a in apart]
 
 
 def test_a_long_prompt_in_the_queue_does_not_stall_the_stream(tmp_path: Path) -> None:
     """Queued beside a stream with two short prompts, a long one is not taken whole: steps beside the stream carry
     the short prompts (64 tokens in all at most) and the long one's budget, never the long one at once."""
-    live = start_server(tmp_path, "--parallel", "4", "--n-threads", "1", "--prefill-budget", "1", "--log-level",
-                        "debug")
     long_prompt = "The keeper climbed the stairs of the old lighthouse every evening at dusk. " * 20  # ~300
-    try:
-        times: list[float] = []
-        started = threading.Event()
-        runner = threading.Thread(target=stream_token_times, args=(live.url, "Once upon a time", 800, times, started))
-        runner.start()
-        started.wait(60)
-        with httpx.Client(base_url=live.url, timeout=300) as client, ThreadPoolExecutor(3) as pool:
-            answers = list(pool.map(lambda p: generate(client, p, max_length=2, cache_prompt=False),
-                                    [long_prompt, *QUEUED[:2]]))
-        runner.join(300)
-        log = live.log()
-    finally:
-        stop_server(live)
+    answers, beside = prompts_beside_a_stream(tmp_path, [long_prompt, *QUEUED[:2]], stream_tokens=800, max_length=2)
     assert answers[0]["usage"]["prompt_tokens"] > 200
-    beside = [int(m[1]) for m in re.finditer(r"step: [1-9]\d* streams, \d+ drafted, (\d+) prompt", log)]
     assert beside and max(beside) <= 64 + 1, sorted(beside)[-5:]
 
 
