@@ -129,8 +129,10 @@ class Metrics:
         kv_tokens: Callable[[], float],
         kv_capacity: int,
         slots_total: int,
+        prompt_cache_bytes: Callable[[], float],
     ) -> None:
         self.queue_depth.set_function(queue_depth)
+        self.prompt_cache_bytes.set_function(prompt_cache_bytes)
         self.slots_busy.set_function(slots_busy)
         self.kv_cache_tokens.set_function(kv_tokens)
         self.kv_cache_usage.set_function(lambda: min(kv_tokens() / kv_capacity, 1.0) if kv_capacity else 0.0)

@@ -153,6 +153,7 @@ class Engine:
             kv_tokens=lambda: sum(len(s.tokens) for s in self._slots),
             kv_capacity=kv_capacity,
             slots_total=self.settings.parallel,
+            prompt_cache_bytes=lambda: self._prompt_cache.bytes if self._prompt_cache is not None else 0,
         )
 
     # ---- the caller's side (event loop) ----
@@ -461,12 +462,9 @@ class Engine:
         if kept:
             log.debug("prompt cache: kept %d tokens (%.1f MiB) in %.1f ms; %d entries, %.1f MiB", len(slot.tokens),
                       size / 2**20, (time.perf_counter() - t0) * 1000, len(cache), cache.bytes / 2**20)
-        self.metrics.prompt_cache_bytes.set(cache.bytes)
 
     def _restore(self, slot: _Slot, entry: Entry) -> bool:
         """Put a cached conversation's cells (already taken out of the cache) back into ``slot``."""
-        assert self._prompt_cache is not None
-        self.metrics.prompt_cache_bytes.set(self._prompt_cache.bytes)
         if not self._ctx.set_seq_state(slot.seq_id, entry.data):  # type: ignore[arg-type]
             log.warning("prompt cache: llama.cpp refused %d cached tokens; computing them again", len(entry.tokens))
             slot.tokens = []
