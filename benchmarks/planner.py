@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from server.settings import Settings
+from server.settings import KV_BYTES_PER_VALUE, Settings
 
 GIB = 2**30
 
@@ -32,7 +32,7 @@ BITS_PER_WEIGHT = {
     "F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.69, "Q5_0": 5.5,
     "Q4_K_M": 4.85, "Q4_1": 5.0, "Q4_0": 4.55, "Q3_K_M": 3.91, "Q2_K": 3.35,
 }
-KV_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "f32": 4.0}
+KV_BYTES = KV_BYTES_PER_VALUE
 # Types whose weights llama.cpp's CPU backend repacks into its own layout at load (AVX2/AVX-512/AMX kernels):
 # the repacked copy is anonymous memory, so with the file also memory-mapped the weights count twice.
 REPACKED = {"Q4_0", "Q4_K_M", "Q8_0", "IQ4_NL"}
@@ -216,14 +216,15 @@ def resolved_cache_type(shape: Shape, settings: Settings) -> str:
     return resolve_cache_type(settings.cache_type, f16_bytes, settings.flash_attn)
 
 
-def deploy_env(settings: Settings, cache_type: str, model_path: str | None = None) -> dict[str, str]:
+def deploy_env(settings: Settings, cache_type: str, cache_ram_mib: int,
+               model_path: str | None = None) -> dict[str, str]:
     """The environment of a ``serve`` that runs as planned: every setting the plan depends on, spelled out."""
     env = {"MODEL_PATH": model_path} if model_path else {}
     env.update({
         "CTX_SIZE": str(settings.ctx_size), "PARALLEL": str(settings.parallel), "N_THREADS": str(settings.n_threads),
         "BATCH_SIZE": str(settings.batch_size), "CACHE_TYPE": cache_type,
         "USE_MMAP": str(settings.use_mmap).lower(), "FLASH_ATTN": str(settings.flash_attn).lower(),
-        "CACHE_RAM_MIB": str(settings.cache_ram_mib),
+        "CACHE_RAM_MIB": str(cache_ram_mib),
     })
     return env
 
@@ -244,12 +245,16 @@ def make_plan(shape: Shape, *, quant: str, settings: Settings, weights_bytes: fl
     cache_type = resolved_cache_type(shape, settings)
     if settings.cache_type == "auto":
         assumptions.append(f"KV cache {cache_type}: CACHE_TYPE=auto picks q8_0 when an f16 cache would pass 1 GiB")
+    # In whole MiB, as the plan's environment spells it out (auto: the KV cache's size, rounded up).
+    cache_ram_mib = math.ceil(settings.prompt_cache_bytes(2 * shape.n_layer * settings.ctx_size * shape.kv_width
+                                                          * KV_BYTES[cache_type]) / 2**20)
+    cache_ram = cache_ram_mib * 2**20
     mem = predict_memory(shape, weights_bytes=weights_bytes, quant=quant, ctx_size=settings.ctx_size,
                          batch_size=settings.batch_size, kv_type=cache_type, use_mmap=settings.use_mmap,
-                         cache_ram_bytes=settings.cache_ram_mib * 2**20)
-    if settings.cache_ram_mib:
-        assumptions.append(f"prompt cache: CACHE_RAM_MIB={settings.cache_ram_mib} counted whole (it fills as "
-                           "conversations lose their slots)")
+                         cache_ram_bytes=cache_ram)
+    if cache_ram:
+        assumptions.append(f"prompt cache: {cache_ram / GIB:.2f} GiB (CACHE_RAM_MIB={settings.cache_ram_mib}) "
+                           "counted whole (it fills as conversations lose their slots)")
     assumptions.append(f"memory headroom x{HEADROOM} over the sum (allocator slack, page cache); runtime "
                        f"{RUNTIME_BYTES / GIB:.2f} GiB")
     decode = aggregate = ttft = capacity = None
@@ -288,7 +293,8 @@ def make_plan(shape: Shape, *, quant: str, settings: Settings, weights_bytes: fl
         ttft_s=None if ttft is None else round(ttft, 2),
         requests_memory=gib_string(mem.total * HEADROOM), limits_memory=gib_string(mem.total * HEADROOM),
         requests_cpu=str(settings.n_threads), capacity_rps_per_pod=None if capacity is None else round(capacity, 3),
-        replicas=replicas, env=deploy_env(settings, cache_type, model_path), assumptions=assumptions, notes=notes,
+        replicas=replicas, env=deploy_env(settings, cache_type, cache_ram_mib, model_path), assumptions=assumptions,
+        notes=notes,
     )
 
 
@@ -398,6 +404,7 @@ def render(plan: Plan) -> str:
         f"| KV cache ({plan.cache_type}) | {m['kv_cache']} |",
         f"| compute buffers | {m['compute']} |",
         f"| runtime | {m['runtime']} |",
+        f"| prompt cache in host memory (CACHE_RAM_MIB) | {m['prompt_cache']} |",
         f"| **total** | **{m['total']}** |",
         "",
     ]

@@ -15,6 +15,9 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+# Bytes of one K or V value in the KV cache, per CACHE_TYPE (q8_0: 32 values in 34 bytes).
+KV_BYTES_PER_VALUE = {"f16": 2.0, "q8_0": 34 / 32, "f32": 4.0}
+
 
 def _default_threads() -> int:
     """Threads for llama.cpp: the CPUs this process may run on (cgroup-aware through the affinity mask)."""
@@ -71,11 +74,12 @@ class Settings(BaseSettings):
         "prompt never stalls them. 0 (auto): measured as the engine runs, so that such a step costs about two "
         "decode steps (a running stream's inter-token gap at most doubles).",
     )
-    cache_ram_mib: int = Field(
-        default=0, ge=0, le=1_048_576,
+    cache_ram_mib: Literal["auto"] | int = Field(
+        default="auto",
         description="Host memory (MiB) for a prompt cache: the KV cells of a conversation whose slot goes to "
         "another prompt are kept there and put back when the conversation returns, as llama-server's "
-        "--cache-ram does. The planner counts it in the pod's memory. 0: off.",
+        "--cache-ram does (8 GiB there). auto: as much as the KV cache itself (a second set of slots, in host "
+        "memory). The planner counts it in the pod's memory. 0: off.",
     )
     waiting_served_ratio: float = Field(
         default=1.0, ge=0.0, le=100.0,
@@ -219,6 +223,20 @@ class Settings(BaseSettings):
             return json.loads(text) if text.startswith("[") else [n.strip() for n in text.split(",") if n.strip()]
         return value
 
+    @field_validator("cache_ram_mib", mode="before")
+    @classmethod
+    def _cache_ram(cls, value: object) -> object:
+        """``auto`` or whole MiB from 0 to 1 TiB, with one message for both (the union would give two)."""
+        if value == "auto":
+            return value
+        try:
+            mib = int(str(value).strip())
+        except ValueError:
+            mib = -1
+        if not 0 <= mib <= 1_048_576:
+            raise ValueError(f"should be auto or a whole number of MiB from 0 (off) to 1048576, not {value!r}")
+        return mib
+
     @field_validator("api_key")
     @classmethod
     def _key_not_blank(cls, key: SecretStr | None) -> SecretStr | None:
@@ -270,6 +288,12 @@ class Settings(BaseSettings):
         if self.api_key_file is not None:
             keys += [line.strip() for line in self.api_key_file.read_text().splitlines() if line.strip()]
         return keys
+
+    def prompt_cache_bytes(self, kv_cache_bytes: float) -> int:
+        """The prompt cache's bound (CACHE_RAM_MIB) for a KV cache of ``kv_cache_bytes``; 0 when off."""
+        if self.cache_ram_mib == "auto":
+            return int(kv_cache_bytes)
+        return self.cache_ram_mib * 2**20
 
     @property
     def slot_ctx(self) -> int:

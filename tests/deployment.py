@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from benchmarks.planner import GIB, KV_BYTES, SHAPES, predict_memory
+from server.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 FLOX = REPO / "flox"
@@ -76,9 +77,11 @@ def required_memory_gib(settings: dict[str, str]) -> float:
         return predict_memory(shape, weights_bytes=weights, quant="Q4_K_M", ctx_size=n_ctx, kv_type=kv,
                               use_mmap=use_mmap).total / GIB
 
-    # A prompt cache (CACHE_RAM_MIB) fills up to its limit as conversations lose their slots.
-    return MEASURED_RSS_GIB[(use_mmap, kv)] + predicted(ctx) - predicted(MEASURED_CTX) \
-        + int(settings.get("CACHE_RAM_MIB", "0")) / 1024
+    # A prompt cache (CACHE_RAM_MIB; auto: the KV cache's size) fills up to its limit as conversations lose
+    # their slots.
+    kv_bytes = predict_memory(shape, weights_bytes=weights, quant="Q4_K_M", ctx_size=ctx, kv_type=kv).kv_cache
+    prompt_cache = Settings(cache_ram_mib=settings.get("CACHE_RAM_MIB", "auto")).prompt_cache_bytes(kv_bytes)
+    return MEASURED_RSS_GIB[(use_mmap, kv)] + predicted(ctx) - predicted(MEASURED_CTX) + prompt_cache / GIB
 
 
 def drain_needed_s(settings: dict[str, str]) -> float:

@@ -87,21 +87,27 @@ def test_planner_uses_rates_measured_on_the_target_model() -> None:
 
 def test_plan_env_is_what_serve_runs_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """plan and serve read the same flags into the same Settings; plan's env line, given to serve, gives the
-    same settings back, with CACHE_TYPE resolved as the engine resolves it."""
+    same settings back, with CACHE_TYPE and CACHE_RAM_MIB resolved as the engine resolves them."""
     flags = ["--ctx-size", "4096", "--parallel", "2", "--n-threads", "3", "--no-use-mmap"]
     proc = subprocess.run([sys.executable, "-m", "server", "plan", "--shape", "llama-2-7b", *flags, "--json"],
                           capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     env = json.loads(proc.stdout)["env"]
     assert env == {"CTX_SIZE": "4096", "PARALLEL": "2", "N_THREADS": "3", "BATCH_SIZE": "512",
-                   "CACHE_TYPE": "q8_0", "USE_MMAP": "false", "FLASH_ATTN": "true", "CACHE_RAM_MIB": "0"}
+                   "CACHE_TYPE": "q8_0", "USE_MMAP": "false", "FLASH_ATTN": "true", "CACHE_RAM_MIB": "1088"}
     serve = settings_from_args(build_parser().parse_args(["serve", *flags]))
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     from_env = Settings()
-    assert from_env.model_dump(exclude={"cache_type"}) == serve.model_dump(exclude={"cache_type"})
-    # serve's CACHE_TYPE=auto becomes q8_0 for this model (an f16 cache would take 2 GiB), as the plan says.
+    resolved = {"cache_type", "cache_ram_mib"}
+    assert from_env.model_dump(exclude=resolved) == serve.model_dump(exclude=resolved)
+    # serve's CACHE_TYPE=auto becomes q8_0 for this model (an f16 cache would take 2 GiB), as the plan says...
     assert resolve_cache_type(serve.cache_type, 2 * GIB, serve.flash_attn) == from_env.cache_type == "q8_0"
+    # ... and its CACHE_RAM_MIB=auto a prompt cache as large as that q8_0 KV cache: 32 layers x 2 x 4096 tokens
+    # x 4096 values x 34/32 bytes.
+    kv_bytes = 2 * 32 * 4096 * 4096 * 34 / 32
+    assert serve.cache_ram_mib == "auto"
+    assert serve.prompt_cache_bytes(kv_bytes) == from_env.prompt_cache_bytes(kv_bytes) == 1088 * 2**20
     text = subprocess.run([sys.executable, "-m", "server", "plan", "--shape", "llama-2-7b", *flags,
                            "--target-rps", "2"], capture_output=True, text=True, timeout=60, cwd=REPO).stdout
     assert "env: " + " ".join(f"{k}={v}" for k, v in env.items()) in text

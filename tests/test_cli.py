@@ -76,6 +76,9 @@ def test_invalid_settings_are_one_line_naming_flag_and_variable() -> None:
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == ["llama-inference: error: invalid --cache-type (CACHE_TYPE): Input should be "
                                         "'auto', 'f16', 'q8_0' or 'f32'"]
+    proc = cli("serve", "--port", str(free_port()), "--cache-ram-mib", "-5")
+    assert proc.stderr.splitlines() == ["llama-inference: error: invalid --cache-ram-mib (CACHE_RAM_MIB): should be "
+                                        "auto or a whole number of MiB from 0 (off) to 1048576, not '-5'"]
     proc = cli("serve", "--ctx-size", "64", "--parallel", "8")
     assert proc.stderr.splitlines() == ["llama-inference: error: invalid settings: ctx_size 64 leaves 8 tokens per "
                                         "slot for 8 slots; raise ctx_size or lower parallel"]

@@ -352,7 +352,7 @@ def conversation_after_another(tmp: Path, cache_ram_mib: str) -> tuple[dict, dic
 
 
 def test_a_conversation_that_lost_its_slot_gets_its_cells_back_from_host_memory(tmp_path: Path) -> None:
-    first, second, fresh, cache_bytes = conversation_after_another(tmp_path, "64")
+    first, second, fresh, cache_bytes = conversation_after_another(tmp_path, "auto")  # the default
     assert cache_bytes > 0
     # All of A's first prompt (and the answer's tokens that retokenize the same) came back, not recomputed.
     assert second["usage"]["cached_tokens"] >= first["usage"]["prompt_tokens"], (second["usage"], first["usage"])

@@ -287,11 +287,14 @@ MUTATIONS: dict[str, tuple[str, str, str, Callable[[Path], None]]] = {
         lambda r: check_grace_period(render(r / "k8s/overlays/staging"), runtime_vars(r / "flox/llama-runtime"))),
     "memory limit below the measured resident size": (
         "k8s/base/deployment.yaml",
-        'memory: 7Gi\n            limits:\n              cpu: "4"\n              memory: 7Gi',
+        'memory: 8Gi\n            limits:\n              cpu: "4"\n              memory: 8Gi',
         'memory: 5Gi\n            limits:\n              cpu: "4"\n              memory: 5Gi',
         lambda r: check_resources(render(r / "k8s/overlays/staging"), runtime_vars(r / "flox/llama-runtime"))),
     "context doubled, memory unchanged": (
         "flox/llama-runtime/.flox/env/manifest.toml", 'CTX_SIZE = "4096"', 'CTX_SIZE = "32768"',
+        lambda r: check_resources(render(r / "k8s/overlays/staging"), runtime_vars(r / "flox/llama-runtime"))),
+    "a larger prompt cache, memory unchanged": (
+        "flox/llama-runtime/.flox/env/manifest.toml", 'CTX_SIZE = "4096"', 'CTX_SIZE = "4096"\nCACHE_RAM_MIB = "4096"',
         lambda r: check_resources(render(r / "k8s/overlays/staging"), runtime_vars(r / "flox/llama-runtime"))),
     "a setting in the Deployment": (
         "k8s/base/deployment.yaml", '- name: HOME\n              value: "/tmp"',

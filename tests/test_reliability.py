@@ -21,13 +21,16 @@ from benchmarks.soak import run_soak
 from tests.conftest import LiveServer, start_server, stop_server
 
 SLOTS, QUEUE = 2, 2
+SOAK_CACHE_MIB = 8
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """Few slots, a short queue and short generations: easy to overload, quick to fuzz."""
+    """Few slots, a short queue and short generations: easy to overload, quick to fuzz. A small prompt cache in
+    host memory, full within the soak's warm-up: from then on each entry kept drops an older one."""
     server = start_server(tmp_path_factory.mktemp("reliability"), "--parallel", str(SLOTS), "--queue-size",
-                          str(QUEUE), "--max-tokens-limit", "16", "--default-max-tokens", "8")
+                          str(QUEUE), "--max-tokens-limit", "16", "--default-max-tokens", "8",
+                          "--cache-ram-mib", str(SOAK_CACHE_MIB))
     yield server
     stop_server(server)
 
@@ -163,3 +166,5 @@ def test_soak_of_500_mixed_requests_keeps_memory_flat(small: LiveServer) -> None
     assert growth_mb < 40, f"RSS grew {growth_mb:.0f} MB: {[s // 10**6 for s in result.rss_samples]}"
     with httpx.Client(base_url=small.url, timeout=30) as client:
         wait_idle(client)
+        # The prompt cache was in use all along, and stayed within its bound.
+        assert 0 < metric(client, "llama_prompt_cache_bytes") <= SOAK_CACHE_MIB * 2**20

@@ -43,7 +43,7 @@ from server.engine.types import (
     Usage,
 )
 from server.metrics import Metrics
-from server.settings import Settings
+from server.settings import KV_BYTES_PER_VALUE, Settings
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class Engine:
         self.draining = False  # set on shutdown: no new requests, the ones in flight finish
         self._slots = [_Slot(seq_id=i) for i in range(settings.parallel)]
         self._budget = PrefillBudget(fixed=settings.prefill_budget)
-        self._prompt_cache = PromptCache(settings.cache_ram_mib * 2**20) if settings.cache_ram_mib else None
+        self._prompt_cache: PromptCache | None = None  # made at load, sized by the KV cache's type
         self._copy_pending: set[int] = set()  # sequences in a KV-stream copy llama.cpp makes at the next decode
         self._prefilling_now: frozenset[RequestHandle] = frozenset()  # requests with prompt tokens in this step
         self._draft_model: DraftModel | None = None
@@ -310,6 +310,9 @@ class Engine:
             kv_unified=s.kv_unified,
         )
         self._batch = Batch(s.batch_size)
+        cache_bytes = s.prompt_cache_bytes(self.info.kv_bytes(s.ctx_size, KV_BYTES_PER_VALUE[self.cache_type]))
+        if cache_bytes:
+            self._prompt_cache = PromptCache(cache_bytes)
         self._bind_metrics(self._ctx.n_ctx)  # llama.cpp rounds each sequence's cells up (to 256)
         if s.draft_model_path is not None:
             self._draft_model = DraftModel(
@@ -321,15 +324,17 @@ class Engine:
         self._partial_reuse = not self.model.recurrent
         if self._prompt_cache is not None and (self.model.n_swa or not self._partial_reuse):
             # A restored sliding-window sequence would mostly be cut back to nothing (_cut_back's window check).
-            log.warning("CACHE_RAM_MIB: no prompt cache for a %s model", "sliding-window" if self.model.n_swa
-                        else "recurrent")
+            log.log(logging.INFO if s.cache_ram_mib == "auto" else logging.WARNING,
+                    "CACHE_RAM_MIB: no prompt cache for a %s model", "sliding-window" if self.model.n_swa
+                    else "recurrent")
             self._prompt_cache = None
         log.info(
             "model loaded in %.2fs: %s (%s, %.2f GiB, %d params); %d slots x %d tokens, KV cache %s, mmap %s, "
-            "%d threads, prompt-prefix reuse %s", time.perf_counter() - t0, self.info.path, self.info.description,
-            self.info.size_bytes / 2**30, self.info.n_params, s.parallel, self.slot_ctx, self.cache_type,
-            "on" if s.use_mmap else "off", s.n_threads,
+            "%d threads, prompt-prefix reuse %s, prompt cache %s", time.perf_counter() - t0, self.info.path,
+            self.info.description, self.info.size_bytes / 2**30, self.info.n_params, s.parallel, self.slot_ctx,
+            self.cache_type, "on" if s.use_mmap else "off", s.n_threads,
             "on" if self._partial_reuse else "off (recurrent model)",
+            f"{self._prompt_cache.limit_bytes / 2**20:.0f} MiB" if self._prompt_cache else "off",
         )
 
     def _loop(self) -> None:
