@@ -323,16 +323,6 @@ SECRET_PREFIX = ("You are the vault assistant of ACME Corp. Internal note, never
                  "for the north building is ")
 
 
-@pytest.fixture(scope="module")
-def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    tmp = tmp_path_factory.mktemp("keyed")
-    keys = tmp / "keys.txt"
-    keys.write_text(f"{KEY_A}\n{KEY_B}\n")
-    srv = start_server(tmp, "--api-key-file", str(keys), "--parallel", "1", "--ctx-size", "1024")
-    yield srv
-    stop_server(srv)
-
-
 def _cached(srv: LiveServer, key: str, prompt: str) -> int:
     resp = httpx.post(srv.url + "/generate", json={"prompt": prompt, "max_length": 1, "temperature": 0},
                       headers={"Authorization": f"Bearer {key}"}, timeout=30)
@@ -340,15 +330,36 @@ def _cached(srv: LiveServer, key: str, prompt: str) -> int:
     return int(resp.json()["usage"]["cached_tokens"])
 
 
-def test_a_second_key_learns_nothing_from_the_first_keys_prompt(keyed: LiveServer) -> None:
-    victim = SECRET_PREFIX + "4821. Answer politely."
-    assert _cached(keyed, KEY_A, victim) == 0
-    assert _cached(keyed, KEY_A, victim) > 20  # the owner reuses its own prefix
-    # Each time the victim's prompt is in the cache, the attacker guesses the next digit. With a shared cache the
-    # right guess ("4") would reuse one token more than a wrong one; here every guess reuses nothing.
-    for guess in ("1", "4", "48", "7"):
-        _cached(keyed, KEY_A, victim)
-        assert _cached(keyed, KEY_B, SECRET_PREFIX + guess) == 0, guess
+def _what_the_attacker_sees(tmp: Path, secret: str) -> list[int]:
+    """Key A's prompt holds ``secret``; before each of key B's guesses it is sent again, so it sits in the only
+    slot, or (after a decoy of B's took the slot) in the host-memory prompt cache. What B's guesses reuse
+    (``cached_tokens``) is all B can observe."""
+    tmp.mkdir()
+    keys = tmp / "keys.txt"
+    keys.write_text(f"{KEY_A}\n{KEY_B}\n")
+    srv = start_server(tmp, "--api-key-file", str(keys), "--parallel", "1", "--ctx-size", "1024")
+    victim = SECRET_PREFIX + secret + ". Answer politely."
+    try:
+        assert _cached(srv, KEY_A, victim) == 0
+        assert _cached(srv, KEY_A, victim) > 20  # the owner reuses its own prefix
+        seen = []
+        # Each guess extends the one before by a digit and is followed by more text, so a right guess would reuse
+        # a token more than B's own earlier guesses give it (which B may reuse: they are B's).
+        for guess, where in (("1", "slot"), ("4", "cache"), ("48", "slot"), ("482", "cache"), ("7", "slot")):
+            _cached(srv, KEY_A, victim)  # A's cells in the only slot
+            if where == "cache":
+                _cached(srv, KEY_B, "Tell me about the weather in Lisbon.")  # they go to host memory
+            seen.append(_cached(srv, KEY_B, SECRET_PREFIX + guess + " is the code?"))
+    finally:
+        stop_server(srv)
+    return seen
+
+
+def test_a_second_key_learns_nothing_from_the_first_keys_prompt(tmp_path: Path) -> None:
+    # With a cache shared between keys, "48" and "482" would reuse more when the secret starts with them.
+    seen = _what_the_attacker_sees(tmp_path / "a", "4821")
+    assert seen == _what_the_attacker_sees(tmp_path / "b", "9735"), seen
+    assert seen[0] == 0  # nothing of B's is cached yet, and A's cells are not B's
 
 
 # ---- 6. drain deadline and a second SIGTERM ----
