@@ -34,6 +34,55 @@ STEADY_TOKENS = 30
 AFTER_TOKENS = 20  # the steady gap after the prefill: the median of this many
 
 
+def _stream(url: str, path: str, body: dict[str, object], marker: str, times: list[float],
+            steady: threading.Event, stop: threading.Event) -> None:
+    """Stream ``body``, appending each token's arrival time to ``times``; ``steady`` is set after STEADY_TOKENS
+    (or at the end), and the stream ends early once ``stop`` is set."""
+    try:
+        with httpx.Client(base_url=url, timeout=900) as client, client.stream("POST", path, json=body) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"{url}{path}: {r.status_code} {r.read().decode()[:300]}")
+            for line in r.iter_lines():
+                if line.startswith("data:") and marker in line:
+                    times.append(time.perf_counter())
+                    if len(times) == STEADY_TOKENS:
+                        steady.set()
+                if stop.is_set():
+                    break
+    finally:
+        steady.set()
+
+
+def quiet_round(url: str, n_gaps: int, api: str = "native", model: str = "any") -> dict[str, float]:
+    """The control for :func:`one_round`: a stream alone for as many gaps as one_round's prefill lasted. Its
+    worst gap over its steady gap, before and at its length (the same definitions), is what this machine's own
+    hiccups give with no prompt beside the stream."""
+    times: list[float] = []
+    n_tokens = STEADY_TOKENS + n_gaps + AFTER_TOKENS + 3
+    if api == "native":
+        path, marker = "/generate", '"token"'
+        body: dict[str, object] = {"prompt": "Once upon a time", "max_length": n_tokens, "temperature": 0,
+                                   "ignore_eos": True, "stream": True}
+    else:
+        path, marker = "/v1/completions", '"choices"'
+        body = {"model": model, "prompt": "Once upon a time", "max_tokens": n_tokens, "temperature": 0,
+                "ignore_eos": True, "stream": True}
+    _stream(url, path, body, marker, times, threading.Event(), threading.Event())
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    before = gaps[5:STEADY_TOKENS - 1]
+    window = gaps[STEADY_TOKENS - 1:STEADY_TOKENS - 1 + n_gaps]
+    after = gaps[STEADY_TOKENS - 1 + n_gaps:][2:AFTER_TOKENS + 2]
+    if len(before) < 5 or not window:
+        raise RuntimeError(f"{url}: the quiet stream gave {len(times)} tokens")
+    steady_gap = statistics.median(before)
+    steady_after = statistics.median(after) if len(after) >= 5 else steady_gap
+    own = [g / (steady_gap + (steady_after - steady_gap) * i / max(len(window) - 1, 1)) for i, g in enumerate(window)]
+    return {"gaps": len(window), "steady_ms": steady_gap * 1000, "steady_after_ms": steady_after * 1000,
+            "worst_ms": max(window) * 1000, "ratio": max(window) / steady_gap, "ratio_at_length": max(own),
+            "median_at_length": statistics.median(own), "median_ratio": statistics.median(window) / steady_gap,
+            "p90_ratio": sorted(window)[int(0.9 * (len(window) - 1))] / steady_gap}
+
+
 def one_round(url: str, long_prompt: str, api: str = "native", model: str = "any",
               stream_tokens: int = 1000) -> dict[str, float]:
     """A greedy stream, then ``long_prompt`` (one token to generate, not cached) on another connection: the
@@ -59,23 +108,7 @@ def one_round(url: str, long_prompt: str, api: str = "native", model: str = "any
                        "ignore_eos": True, "stream": True}
         long_body = {"model": model, "prompt": long_prompt, "max_tokens": 1, "temperature": 0}
 
-    def stream() -> None:
-        try:
-            with httpx.Client(base_url=url, timeout=900) as client, \
-                    client.stream("POST", path, json=stream_body) as r:
-                if r.status_code != 200:
-                    raise RuntimeError(f"{url}{path}: {r.status_code} {r.read().decode()[:300]}")
-                for line in r.iter_lines():
-                    if line.startswith("data:") and marker in line:
-                        times.append(time.perf_counter())
-                        if len(times) == STEADY_TOKENS:
-                            steady.set()
-                    if stop.is_set():
-                        break
-        finally:
-            steady.set()
-
-    runner = threading.Thread(target=stream)
+    runner = threading.Thread(target=_stream, args=(url, path, stream_body, marker, times, steady, stop))
     runner.start()
     steady.wait(900)
     t0 = time.perf_counter()

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from benchmarks.common import free_port, our_server_cmd, running
 from benchmarks.concurrency import Level, run_level, summarize
-from benchmarks.prefill_gap import one_round
+from benchmarks.prefill_gap import one_round, quiet_round
 
 
 def main() -> None:
@@ -46,6 +46,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--gap-rounds", type=int, default=2, help="0: skip the long-prompt measurement")
     parser.add_argument("--prompt-words", type=int, default=750, help="about 1,000 tokens")
+    parser.add_argument("--quiet-control", action="store_true",
+                        help="after each long-prompt round, stream alone on our server for as many tokens as its "
+                        "prefill lasted: the worst gap this machine gives with no prompt beside the stream")
     parser.add_argument("--ours-extra", default="", help="more flags for llama-inference serve")
     parser.add_argument("--theirs-extra", default="", help="more flags for llama-server")
     parser.add_argument("--ours-log", help="keep our server's log here (with --ours-extra=--log-level=debug: "
@@ -67,6 +70,7 @@ def main() -> None:
     words = "the keeper climbed the stairs of the old lighthouse every evening at dusk and lit the lamp".split()
     levels_out: list[Level] = []
     gaps: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
+    quiet: list[dict[str, float]] = []  # --quiet-control
     extra: dict[str, object] = {"ignore_eos": True, "stream_options": {"include_usage": True}}
     with running(ours_cmd, servers["llama-inference"] + "/ready", timeout=900, log_path=args.ours_log), \
             running(theirs_cmd, servers["llama-server"] + "/health", timeout=900):
@@ -87,6 +91,10 @@ def main() -> None:
                 prompt = f"{r} {name} " + " ".join(words[i % len(words)] for i in range(args.prompt_words))
                 gaps[name].append(one_round(url, prompt, api="openai", model="model"))
                 print(f"  {name:15s} long prompt: {json.dumps(gaps[name][-1])}", flush=True)
+            if args.quiet_control:
+                n_gaps = int(gaps["llama-inference"][-1]["tokens_during"])
+                quiet.append(quiet_round(servers["llama-inference"], n_gaps, api="openai", model="model"))
+                print(f"  llama-inference alone: {json.dumps(quiet[-1])}", flush=True)
 
     print(f"\nmodel {args.model_path}, {args.threads} threads, {args.parallel} slots, ctx {args.ctx_size}, "
           f"KV {args.cache_type}, {args.tokens} greedy tokens per request, {args.requests_per_client} requests "
@@ -103,19 +111,27 @@ def main() -> None:
               f"{ours.ttft_p50_ms:.0f} | {theirs.ttft_p50_ms:.0f} | {ours.errors} / {theirs.errors} |")
     if args.gap_rounds:
         print("\n| server | prompt tokens | steady gap ms: before | after | worst gap ms | worst / steady before "
-              "| worst / steady at its length | median / steady during | p90 / steady during | tokens during prefill "
-              "| long prompt TTFT s |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+              "| worst / steady at its length | median / steady before | median / steady at its length "
+              "| p90 / steady before | tokens during prefill | long prompt TTFT s |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for name, rows in gaps.items():
             def med(key: str, rows: list[dict[str, float]] = rows) -> float:
                 return statistics.median(row[key] for row in rows)
             print(f"| {name} | {int(med('prompt_tokens'))} | {med('steady_ms'):.0f} | {med('steady_after_ms'):.0f} | "
                   f"{med('worst_ms'):.0f} | **{med('ratio'):.2f}** | **{med('ratio_at_length'):.2f}** | "
-                  f"{med('median_during_ratio'):.2f} | {med('p90_during_ratio'):.2f} | "
+                  f"{med('median_during_ratio'):.2f} | {med('median_at_length'):.2f} | {med('p90_during_ratio'):.2f} | "
                   f"{int(med('tokens_during'))} | {med('ttft_s'):.1f} |")
+        if quiet:
+            def qmed(key: str) -> float:
+                return statistics.median(row[key] for row in quiet)
+            print(f"| llama-inference, the stream alone (control) | 0 | {qmed('steady_ms'):.0f} | "
+                  f"{qmed('steady_after_ms'):.0f} | {qmed('worst_ms'):.0f} | **{qmed('ratio'):.2f}** | "
+                  f"**{qmed('ratio_at_length'):.2f}** | {qmed('median_ratio'):.2f} | {qmed('median_at_length'):.2f} | "
+                  f"{qmed('p90_ratio'):.2f} | {int(qmed('gaps'))} | |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"levels": [vars(lv) for lv in levels_out], "gaps": gaps}, indent=2))
+    out.write_text(json.dumps({"levels": [vars(lv) for lv in levels_out], "gaps": gaps, "quiet": quiet},
+                                   indent=2))
     print(f"wrote {out}")
 
 
