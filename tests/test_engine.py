@@ -3,6 +3,7 @@ streams already running, a cancelled prefill stops at once, and a crashed or hun
 
 from __future__ import annotations
 
+import os
 import re
 import statistics
 import subprocess
@@ -407,21 +408,28 @@ def test_a_request_may_use_every_cell_llama_cpp_gives_its_slot(tmp_path: Path) -
 FAULTS = {
     # Fault injection for the tests only (nothing in the server can make its loop fail on purpose): the
     # engine's step raises, or blocks as a hung llama_decode would, from the first request on.
-    "crash": "def step(self): raise RuntimeError('injected fault')",
-    "hang": "def step(self): threading.Event().wait()",
+    "crash": "def step(self): raise RuntimeError('injected fault')\ncore.Engine._step = step",
+    "hang": "def step(self): threading.Event().wait()\ncore.Engine._step = step",
+    # Not a fault: while the file named by HOLD_FILE exists, a lone waiting request is not admitted until a
+    # second one joins it, so the two start in one admission round (as requests arriving during a step do).
+    "pair": ("import os\nadmit = core.Engine._admit\n"
+             "def held(self):\n"
+             "    if os.path.exists(os.environ['HOLD_FILE']) and len(self._waiting) == 1: return\n"
+             "    admit(self)\n"
+             "core.Engine._admit = held"),
 }
 
 
-def start_faulty_server(tmp: Path, fault: str, *args: str) -> LiveServer:
+def start_faulty_server(tmp: Path, fault: str, *args: str, env: dict[str, str] | None = None) -> LiveServer:
     code = ("import sys, threading; import server.engine.core as core\n"
             f"{FAULTS[fault]}\n"
-            "core.Engine._step = step\n"
             "from server.cli import main; sys.exit(main(sys.argv[1:]))")
     port = free_port()
     log_path = tmp / f"faulty-{port}.log"
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--port", str(port), *args],
-                                stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO)
+                                stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO,
+                                env={**os.environ, **(env or {})})
     live = LiveServer(url=f"http://127.0.0.1:{port}", process=proc, log_path=log_path)
     wait_until_ready(live)
     return live
@@ -464,6 +472,45 @@ def test_a_hung_engine_fails_health_after_the_watchdog_timeout(tmp_path: Path) -
     error = resp.json()["error"]
     assert error["code"] == "engine_failed"
     assert "no progress" in error["message"] and "(1 requests in flight)" in error["message"]
+
+
+def test_a_restore_never_overwrites_cells_a_queued_copy_is_about_to_read(tmp_path: Path) -> None:
+    """With a KV stream per slot, llama.cpp copies a stream (a shared system prompt) at the next decode. A second
+    request admitted in the same round into the donor slot must not put cached cells back there first: the copy
+    would carry them into the first request's slot."""
+    hold = tmp_path / "hold"
+    live = start_faulty_server(tmp_path, "pair", "--parallel", "2", "--n-threads", "1",
+                               env={"HOLD_FILE": str(hold)})
+    system = ("You are the assistant of the keeper of an old lighthouse on a rocky northern coast. You answer "
+              "questions about lamps, weather, ships and the sea, briefly and kindly.\n")
+    turn = "Tell me, in as much detail as you can, " + "how the great lamp was lit and tended every night, " * 5
+    bread = "A recipe for bread: flour, water, salt and yeast, kneaded and left to rise overnight. " * 3
+    try:
+        with httpx.Client(base_url=live.url, timeout=120) as client:
+            n_system = len(client.post("/tokenize", json={"content": system}).json()["tokens"])
+            c = generate(client, bread)  # slot 0
+            generate(client, "Tell me about the weather in Lisbon.")  # slot 1, empty till now
+            generate(client, system + turn)  # the least recently used slot, 0: the bread goes to host memory
+            first = system + "Which lamp oil burns longest?"  # a copy of slot 0's system prompt, into slot 1
+            second = bread + c["text"] + " And the crust?"  # its cells are in host memory; only slot 0 is left
+            hold.touch()
+            with ThreadPoolExecutor(2) as pool:
+                one = pool.submit(generate, client, first, max_length=16, ignore_eos=True)
+                deadline = time.monotonic() + 30
+                while "\nllama_queue_depth 1.0" not in client.get("/metrics").text and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                two = pool.submit(generate, client, second, max_length=16, ignore_eos=True)
+                one_answer, two_answer = one.result(), two.result()
+            hold.unlink()
+            fresh_one = generate(client, first, max_length=16, ignore_eos=True, cache_prompt=False)
+            fresh_two = generate(client, second, max_length=16, ignore_eos=True, cache_prompt=False)
+    finally:
+        stop_server(live)
+    assert n_system >= COPY_MIN_TOKENS
+    assert one_answer["usage"]["cached_tokens"] >= n_system - 1, one_answer["usage"]  # it started from the copy
+    assert "bread" not in one_answer["text"]
+    assert one_answer["text"] == fresh_one["text"]  # from the system prompt's cells, not the bread's
+    assert two_answer["text"] == fresh_two["text"]
 
 
 # ---- one KV cache shared by the slots (KV_UNIFIED) ----
