@@ -23,6 +23,7 @@ from server.engine.prompt_cache import PromptCache, worth_restoring
 from server.engine.scheduling import COPY_MIN_TOKENS, PrefillBudget, choose_slot
 from server.settings import Settings
 from tests.conftest import REPO, LiveServer, free_port, start_server, stop_server, wait_until_ready
+from tests.swa_model import write_swa_model
 
 SYSTEM = ("You are a helpful assistant who answers questions about the sea, ships, lighthouses and the weather "
           "in short and friendly sentences. ") * 3
@@ -383,6 +384,30 @@ def test_a_cancelled_prefill_stops_in_the_middle_of_its_step(tmp_path: Path) -> 
         stop_server(live)
     assert after["usage"]["completion_tokens"] == 1
     assert waited < step_s / 2, (waited, step_s)
+
+
+def test_a_sliding_window_model_reuses_a_prefix_as_a_fresh_prefill_would(tmp_path: Path, model_path: Path) -> None:
+    """A real sliding-window model in llama.cpp (a tiny OLMo-2, tests/swa_model.py): prompt prefixes are reused
+    (llama.cpp keeps a full-size window cache, so no cell the next token attends to is gone) and the answer is
+    the one a fresh prefill gives; the host-memory prompt cache, which could not keep such a sequence whole,
+    is off."""
+    swa = write_swa_model(tmp_path / "swa.gguf", model_path, n_swa=16)
+    live = start_server(tmp_path, "--model-path", str(swa), "--parallel", "2", "--ctx-size", "512",
+                        "--n-threads", "1")
+    story = "The keeper of the old lighthouse wrote in his log every evening, about the ships and the sea. " * 4
+    try:
+        with httpx.Client(base_url=live.url, timeout=120) as client:
+            assert client.get("/info").json()["architecture"] == "olmo2"
+            first = generate(client, story, ignore_eos=True)
+            shorter = story[:len(story) * 2 // 3] + " And then?"  # shares ~50 tokens: well past the window
+            again = generate(client, shorter, ignore_eos=True)
+            fresh = generate(client, shorter, ignore_eos=True, cache_prompt=False)
+    finally:
+        stop_server(live)
+    assert first["usage"]["prompt_tokens"] > 3 * 16
+    assert again["usage"]["cached_tokens"] > 2 * 16, again["usage"]
+    assert again["text"] == fresh["text"]
+    assert "CACHE_RAM_MIB: no prompt cache for a sliding-window model" in live.log()
 
 
 def test_a_request_may_use_every_cell_llama_cpp_gives_its_slot(tmp_path: Path) -> None:
