@@ -102,13 +102,22 @@ def main() -> None:
     print("| clients | aggregate tok/s: ours | llama-server | ratio | per-stream decode tok/s: ours | llama-server "
           "| ratio | TTFT p50 ms: ours | llama-server | errors |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    # A level listed again (--levels 1,2,4,1,2,4) is a repeat: a row each, then the ratios' medians.
+    seen: dict[int, int] = {}
+    ratios: dict[int, list[float]] = {}
     for clients in levels:
-        ours = next(lv for lv in levels_out if lv.server == "llama-inference" and lv.clients == clients)
-        theirs = next(lv for lv in levels_out if lv.server == "llama-server" and lv.clients == clients)
+        k = seen[clients] = seen.get(clients, -1) + 1
+        ours = [lv for lv in levels_out if lv.server == "llama-inference" and lv.clients == clients][k]
+        theirs = [lv for lv in levels_out if lv.server == "llama-server" and lv.clients == clients][k]
+        ratios.setdefault(clients, []).append(ours.aggregate_tps / theirs.aggregate_tps)
         print(f"| {clients} | {ours.aggregate_tps:.2f} | {theirs.aggregate_tps:.2f} | "
               f"**{ours.aggregate_tps / theirs.aggregate_tps:.2f}x** | {ours.per_stream_tps:.2f} | "
               f"{theirs.per_stream_tps:.2f} | {ours.per_stream_tps / theirs.per_stream_tps:.2f}x | "
               f"{ours.ttft_p50_ms:.0f} | {theirs.ttft_p50_ms:.0f} | {ours.errors} / {theirs.errors} |")
+    if any(len(r) > 1 for r in ratios.values()):
+        print("\naggregate ratio over repeats: " + "; ".join(
+            f"{c} client{'s' if c > 1 else ''}: median {statistics.median(r):.2f}x ({', '.join(f'{x:.2f}' for x in r)})"
+            for c, r in ratios.items()))
     if args.gap_rounds:
         print("\n| server | prompt tokens | steady gap ms: before | after | worst gap ms | worst / steady before "
               "| worst / steady at its length | median / steady before | median / steady at its length "
