@@ -68,7 +68,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 # The settings of `serve` that the plan depends on: `plan` takes them as the same flags, environment variables
 # and defaults (server/cli.py adds the flags from server.settings.Settings).
-PLAN_SETTINGS = ("ctx_size", "parallel", "n_threads", "batch_size", "cache_type", "use_mmap", "flash_attn")
+PLAN_SETTINGS = ("ctx_size", "parallel", "n_threads", "batch_size", "cache_type", "use_mmap", "flash_attn",
+                 "cache_ram_mib")
 
 
 def plan_settings(args: argparse.Namespace) -> Settings:

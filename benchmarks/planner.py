@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from server.settings import KV_BYTES_PER_VALUE, Settings
+from server.settings import Settings, kv_cache_bytes
 
 GIB = 2**30
 
@@ -32,7 +32,6 @@ BITS_PER_WEIGHT = {
     "F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.69, "Q5_0": 5.5,
     "Q4_K_M": 4.85, "Q4_1": 5.0, "Q4_0": 4.55, "Q3_K_M": 3.91, "Q2_K": 3.35,
 }
-KV_BYTES = KV_BYTES_PER_VALUE
 # Types whose weights llama.cpp's CPU backend repacks into its own layout at load (AVX2/AVX-512/AMX kernels):
 # the repacked copy is anonymous memory, so with the file also memory-mapped the weights count twice.
 REPACKED = {"Q4_0", "Q4_K_M", "Q8_0", "IQ4_NL"}
@@ -50,6 +49,9 @@ class Shape:
     n_vocab: int
     n_ctx_train: int
     n_params: int
+    # Sliding-window or recurrent memory cannot be kept whole in host memory: the server keeps no prompt cache
+    # for such models (CACHE_RAM_MIB does not apply).
+    prompt_cache_applies: bool = True
 
     @property
     def kv_width(self) -> int:
@@ -92,11 +94,14 @@ def shape_from_gguf(path: Path) -> tuple[Shape, str, int]:
     n_params = sum(int(np.prod(t.shape)) for t in reader.tensors)
     data_bytes = sum(int(t.n_bytes) for t in reader.tensors)
     n_head = value(f"{arch}.attention.head_count")
+    windowed = f"{arch}.attention.sliding_window" in reader.fields and value(f"{arch}.attention.sliding_window") > 0
+    recurrent = any(key.startswith((f"{arch}.ssm.", f"{arch}.rwkv.")) for key in reader.fields)
     shape = Shape(
         name=path.name, n_layer=value(f"{arch}.block_count"), n_embd=value(f"{arch}.embedding_length"),
         n_head=n_head, n_head_kv=value(f"{arch}.attention.head_count_kv") if f"{arch}.attention.head_count_kv"
         in reader.fields else n_head, n_ff=value(f"{arch}.feed_forward_length"), n_vocab=len(tokens.data),
         n_ctx_train=value(f"{arch}.context_length"), n_params=n_params,
+        prompt_cache_applies=not (windowed or recurrent),
     )
     try:
         quant = gguf.LlamaFileType(value("general.file_type")).name.removeprefix("MOSTLY_")
@@ -122,7 +127,7 @@ class Memory:
 
 def predict_memory(shape: Shape, *, weights_bytes: float, quant: str, ctx_size: int, batch_size: int = 512,
                    kv_type: str = "f16", use_mmap: bool = True, cache_ram_bytes: float = 0.0) -> Memory:
-    kv = 2 * shape.n_layer * ctx_size * shape.kv_width * KV_BYTES[kv_type]
+    kv = kv_cache_bytes(shape.n_layer, ctx_size, shape.kv_width, kv_type)
     # Compute buffers: the logits of a micro-batch dominate (vocabulary x tokens x 4 bytes), plus activations.
     compute = 4 * batch_size * (shape.n_vocab + 4 * shape.n_embd + 2 * shape.n_ff)
     repacked = weights_bytes if (use_mmap and quant in REPACKED and shape.n_embd % 256 == 0) else 0.0
@@ -212,7 +217,7 @@ def resolved_cache_type(shape: Shape, settings: Settings) -> str:
     """The KV-cache type the server will use for this model (it resolves ``auto`` the same way)."""
     from server.engine.core import resolve_cache_type
 
-    f16_bytes = 2 * shape.n_layer * settings.ctx_size * shape.kv_width * KV_BYTES["f16"]
+    f16_bytes = kv_cache_bytes(shape.n_layer, settings.ctx_size, shape.kv_width, "f16")
     return resolve_cache_type(settings.cache_type, f16_bytes, settings.flash_attn)
 
 
@@ -246,13 +251,16 @@ def make_plan(shape: Shape, *, quant: str, settings: Settings, weights_bytes: fl
     if settings.cache_type == "auto":
         assumptions.append(f"KV cache {cache_type}: CACHE_TYPE=auto picks q8_0 when an f16 cache would pass 1 GiB")
     # In whole MiB, as the plan's environment spells it out (auto: the KV cache's size, rounded up).
-    cache_ram_mib = math.ceil(settings.prompt_cache_bytes(2 * shape.n_layer * settings.ctx_size * shape.kv_width
-                                                          * KV_BYTES[cache_type]) / 2**20)
+    kv_bytes = kv_cache_bytes(shape.n_layer, settings.ctx_size, shape.kv_width, cache_type)
+    cache_ram_mib = math.ceil(settings.prompt_cache_bytes(kv_bytes) / 2**20) if shape.prompt_cache_applies else 0
     cache_ram = cache_ram_mib * 2**20
     mem = predict_memory(shape, weights_bytes=weights_bytes, quant=quant, ctx_size=settings.ctx_size,
                          batch_size=settings.batch_size, kv_type=cache_type, use_mmap=settings.use_mmap,
                          cache_ram_bytes=cache_ram)
-    if cache_ram:
+    if not shape.prompt_cache_applies:
+        assumptions.append("prompt cache: none (a sliding-window or recurrent model, whose cells the server does "
+                           "not keep in host memory)")
+    elif cache_ram:
         assumptions.append(f"prompt cache: {cache_ram / GIB:.2f} GiB (CACHE_RAM_MIB={settings.cache_ram_mib}) "
                            "counted whole (it fills as conversations lose their slots)")
     assumptions.append(f"memory headroom x{HEADROOM} over the sum (allocator slack, page cache); runtime "

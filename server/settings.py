@@ -19,6 +19,16 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 KV_BYTES_PER_VALUE = {"f16": 2.0, "q8_0": 34 / 32, "f32": 4.0}
 
 
+def kv_cache_bytes(n_layer: int, n_ctx: int, kv_width: int, cache_type: str) -> float:
+    """The KV cache's size: K and V, each ``kv_width`` values per token per layer, of a resolved CACHE_TYPE."""
+    return 2 * n_layer * n_ctx * kv_width * KV_BYTES_PER_VALUE[cache_type]
+
+
+def prompt_cache_bytes(cache_ram_mib: int | str, kv_bytes: float) -> int:
+    """The host-memory prompt cache's bound for a CACHE_RAM_MIB value and a KV cache of ``kv_bytes``; 0: off."""
+    return int(kv_bytes) if cache_ram_mib == "auto" else int(cache_ram_mib) * 2**20
+
+
 def _default_threads() -> int:
     """Threads for llama.cpp: the CPUs this process may run on (cgroup-aware through the affinity mask)."""
     try:
@@ -289,11 +299,9 @@ class Settings(BaseSettings):
             keys += [line.strip() for line in self.api_key_file.read_text().splitlines() if line.strip()]
         return keys
 
-    def prompt_cache_bytes(self, kv_cache_bytes: float) -> int:
-        """The prompt cache's bound (CACHE_RAM_MIB) for a KV cache of ``kv_cache_bytes``; 0 when off."""
-        if self.cache_ram_mib == "auto":
-            return int(kv_cache_bytes)
-        return self.cache_ram_mib * 2**20
+    def prompt_cache_bytes(self, kv_bytes: float) -> int:
+        """The prompt cache's bound (CACHE_RAM_MIB) for a KV cache of ``kv_bytes``; 0 when off."""
+        return prompt_cache_bytes(self.cache_ram_mib, kv_bytes)
 
     @property
     def slot_ctx(self) -> int:

@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from benchmarks.planner import GIB, KV_BYTES, SHAPES, predict_memory
-from server.settings import Settings
+from benchmarks.planner import GIB, SHAPES, predict_memory
+from server.settings import kv_cache_bytes, prompt_cache_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 FLOX = REPO / "flox"
@@ -58,7 +58,7 @@ def kv_type(settings: dict[str, str], ctx: int) -> str:
     if chosen != "auto":
         return chosen
     shape = SHAPES["llama-2-7b"]
-    return "q8_0" if 2 * shape.n_layer * ctx * shape.kv_width * KV_BYTES["f16"] > GIB else "f16"
+    return "q8_0" if kv_cache_bytes(shape.n_layer, ctx, shape.kv_width, "f16") > GIB else "f16"
 
 
 def required_memory_gib(settings: dict[str, str]) -> float:
@@ -79,8 +79,8 @@ def required_memory_gib(settings: dict[str, str]) -> float:
 
     # A prompt cache (CACHE_RAM_MIB; auto: the KV cache's size) fills up to its limit as conversations lose
     # their slots.
-    kv_bytes = predict_memory(shape, weights_bytes=weights, quant="Q4_K_M", ctx_size=ctx, kv_type=kv).kv_cache
-    prompt_cache = Settings(cache_ram_mib=settings.get("CACHE_RAM_MIB", "auto")).prompt_cache_bytes(kv_bytes)
+    prompt_cache = prompt_cache_bytes(settings.get("CACHE_RAM_MIB", "auto"),
+                                      kv_cache_bytes(shape.n_layer, ctx, shape.kv_width, kv))
     return MEASURED_RSS_GIB[(use_mmap, kv)] + predicted(ctx) - predicted(MEASURED_CTX) + prompt_cache / GIB
 
 

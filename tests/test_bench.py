@@ -15,6 +15,7 @@ from server.cli import build_parser, settings_from_args
 from server.engine.core import resolve_cache_type
 from server.settings import Settings
 from tests.conftest import REPO, LiveServer
+from tests.swa_model import write_swa_model
 
 
 def test_percentile_interpolates_like_numpy() -> None:
@@ -113,6 +114,25 @@ def test_plan_env_is_what_serve_runs_with(tmp_path: Path, monkeypatch: pytest.Mo
     assert "env: " + " ".join(f"{k}={v}" for k, v in env.items()) in text
     assert "replicas: not computed: --target-rps needs the speed of this machine; add --calibrate" in text
     assert "(none: USE_MMAP=false) | 0.0 |" in text and "KV cache q8_0" in text
+
+
+def test_plan_sizes_the_prompt_cache_as_the_server_does(live_server: LiveServer, model_path: Path) -> None:
+    """CACHE_RAM_MIB=auto: the plan (from the GGUF's metadata) and the server (from llama.cpp's model) come to the
+    same MiB for the same context; a sliding-window model, for which the server keeps no prompt cache, gets
+    none in the plan either."""
+    def plan(gguf: Path) -> dict:  # type: ignore[type-arg]
+        proc = subprocess.run([sys.executable, "-m", "server", "plan", "--gguf", str(gguf), "--json"],
+                              capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)  # type: ignore[no-any-return]
+
+    mib = plan(model_path)["env"]["CACHE_RAM_MIB"]
+    assert int(mib) > 0
+    assert f"prompt cache {mib} MiB" in live_server.log()  # both on the default CTX_SIZE
+    windowed = plan(write_swa_model(Path(live_server.log_path).parent / "swa.gguf", model_path, n_swa=16))
+    assert windowed["env"]["CACHE_RAM_MIB"] == "0"
+    assert windowed["memory_gib"]["prompt_cache"] == 0
+    assert any("prompt cache: none (a sliding-window or recurrent model" in a for a in windowed["assumptions"])
 
 
 def test_plan_calibrates_on_the_target_gguf_with_progress(model_path: Path) -> None:

@@ -43,7 +43,7 @@ from server.engine.types import (
     Usage,
 )
 from server.metrics import Metrics
-from server.settings import KV_BYTES_PER_VALUE, Settings
+from server.settings import Settings, kv_cache_bytes
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +297,9 @@ class Engine:
                 f"{s.parallel}) but the model was trained for {self.model.n_ctx_train}: lower CTX_SIZE or raise "
                 "PARALLEL"
             )
-        self.cache_type = resolve_cache_type(s.cache_type, self.info.kv_bytes(s.ctx_size), s.flash_attn)
+        info = self.info
+        self.cache_type = resolve_cache_type(
+            s.cache_type, kv_cache_bytes(info.n_layer, s.ctx_size, info.kv_width, "f16"), s.flash_attn)
         self._ctx = LlamaContext(
             self.model,
             n_ctx=s.ctx_size,
@@ -310,7 +312,7 @@ class Engine:
             kv_unified=s.kv_unified,
         )
         self._batch = Batch(s.batch_size)
-        cache_bytes = s.prompt_cache_bytes(self.info.kv_bytes(s.ctx_size, KV_BYTES_PER_VALUE[self.cache_type]))
+        cache_bytes = s.prompt_cache_bytes(kv_cache_bytes(info.n_layer, s.ctx_size, info.kv_width, self.cache_type))
         if cache_bytes:
             self._prompt_cache = PromptCache(cache_bytes)
         self._bind_metrics(self._ctx.n_ctx)  # llama.cpp rounds each sequence's cells up (to 256)
@@ -334,7 +336,7 @@ class Engine:
             self.info.description, self.info.size_bytes / 2**30, self.info.n_params, s.parallel, self.slot_ctx,
             self.cache_type, "on" if s.use_mmap else "off", s.n_threads,
             "on" if self._partial_reuse else "off (recurrent model)",
-            f"{self._prompt_cache.limit_bytes / 2**20:.0f} MiB" if self._prompt_cache else "off",
+            f"{self._prompt_cache.limit_bytes / 2**20:.0f} MiB" if self._prompt_cache is not None else "off",
         )
 
     def _loop(self) -> None:

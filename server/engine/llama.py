@@ -78,9 +78,6 @@ class ModelInfo:
     kv_width: int  # K (or V) values per token per layer
     chat_template: str | None
 
-    def kv_bytes(self, n_ctx: int, bytes_per_value: float = 2.0) -> float:
-        return 2 * self.n_layer * n_ctx * self.kv_width * bytes_per_value
-
 
 class LlamaModel:
     """A loaded GGUF model and its vocabulary."""
