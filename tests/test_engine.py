@@ -430,7 +430,7 @@ def test_a_request_may_use_every_cell_llama_cpp_gives_its_slot(tmp_path: Path) -
 
 # ---- a crashed or hung engine ----
 
-FAULTS = {
+PATCHES = {
     # Fault injection for the tests only (nothing in the server can make its loop fail on purpose): the
     # engine's step raises, or blocks as a hung llama_decode would, from the first request on.
     "crash": "def step(self): raise RuntimeError('injected fault')\ncore.Engine._step = step",
@@ -445,12 +445,12 @@ FAULTS = {
 }
 
 
-def start_faulty_server(tmp: Path, fault: str, *args: str, env: dict[str, str] | None = None) -> LiveServer:
+def start_patched_server(tmp: Path, patch: str, *args: str, env: dict[str, str] | None = None) -> LiveServer:
     code = ("import sys, threading; import server.engine.core as core\n"
-            f"{FAULTS[fault]}\n"
+            f"{PATCHES[patch]}\n"
             "from server.cli import main; sys.exit(main(sys.argv[1:]))")
     port = free_port()
-    log_path = tmp / f"faulty-{port}.log"
+    log_path = tmp / f"patched-{port}.log"
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--port", str(port), *args],
                                 stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO,
@@ -461,7 +461,7 @@ def start_faulty_server(tmp: Path, fault: str, *args: str, env: dict[str, str] |
 
 
 def test_an_engine_crash_fails_the_request_and_exits_non_zero(tmp_path: Path) -> None:
-    live = start_faulty_server(tmp_path, "crash")
+    live = start_patched_server(tmp_path, "crash")
     try:
         assert httpx.get(live.url + "/health").status_code == 200
         resp = httpx.post(live.url + "/generate", json={"prompt": "Hello", "max_length": 4}, timeout=30)
@@ -475,7 +475,7 @@ def test_an_engine_crash_fails_the_request_and_exits_non_zero(tmp_path: Path) ->
 
 
 def test_a_hung_engine_fails_health_after_the_watchdog_timeout(tmp_path: Path) -> None:
-    live = start_faulty_server(tmp_path, "hang", "--watchdog-timeout-s", "1")
+    live = start_patched_server(tmp_path, "hang", "--watchdog-timeout-s", "1")
     try:
         assert httpx.get(live.url + "/health").json()["status"] == "ok"
         def post() -> None:
@@ -504,7 +504,7 @@ def test_a_restore_never_overwrites_cells_a_queued_copy_is_about_to_read(tmp_pat
     request admitted in the same round into the donor slot must not put cached cells back there first: the copy
     would carry them into the first request's slot."""
     hold = tmp_path / "hold"
-    live = start_faulty_server(tmp_path, "pair", "--parallel", "2", "--n-threads", "1",
+    live = start_patched_server(tmp_path, "pair", "--parallel", "2", "--n-threads", "1",
                                env={"HOLD_FILE": str(hold)})
     system = ("You are the assistant of the keeper of an old lighthouse on a rocky northern coast. You answer "
               "questions about lamps, weather, ships and the sea, briefly and kindly.\n")
@@ -516,13 +516,16 @@ def test_a_restore_never_overwrites_cells_a_queued_copy_is_about_to_read(tmp_pat
             c = generate(client, bread)  # slot 0
             generate(client, "Tell me about the weather in Lisbon.")  # slot 1, empty till now
             generate(client, system + turn)  # the least recently used slot, 0: the bread goes to host memory
+            assert float(re.search(r"^llama_prompt_cache_bytes (\S+)$", client.get("/metrics").text,
+                                   re.M)[1]) > 0  # type: ignore[index]
             first = system + "Which lamp oil burns longest?"  # a copy of slot 0's system prompt, into slot 1
             second = bread + c["text"] + " And the crust?"  # its cells are in host memory; only slot 0 is left
             hold.touch()
             with ThreadPoolExecutor(2) as pool:
                 one = pool.submit(generate, client, first, max_length=16, ignore_eos=True)
                 deadline = time.monotonic() + 30
-                while "\nllama_queue_depth 1.0" not in client.get("/metrics").text and time.monotonic() < deadline:
+                while "\nllama_queue_depth 1.0" not in client.get("/metrics").text:
+                    assert time.monotonic() < deadline, "the first request never waited"
                     time.sleep(0.02)
                 two = pool.submit(generate, client, second, max_length=16, ignore_eos=True)
                 one_answer, two_answer = one.result(), two.result()
@@ -533,6 +536,7 @@ def test_a_restore_never_overwrites_cells_a_queued_copy_is_about_to_read(tmp_pat
         stop_server(live)
     assert n_system >= COPY_MIN_TOKENS
     assert one_answer["usage"]["cached_tokens"] >= n_system - 1, one_answer["usage"]  # it started from the copy
+    assert two_answer["usage"]["cached_tokens"] <= 1, two_answer["usage"]  # the guard: no restore into slot 0
     assert "bread" not in one_answer["text"]
     assert one_answer["text"] == fresh_one["text"]  # from the system prompt's cells, not the bread's
     assert two_answer["text"] == fresh_two["text"]

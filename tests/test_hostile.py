@@ -330,15 +330,14 @@ def _cached(srv: LiveServer, key: str, prompt: str) -> int:
     return int(resp.json()["usage"]["cached_tokens"])
 
 
-def _what_the_attacker_sees(tmp: Path, secret: str) -> list[int]:
-    """Key A's prompt holds ``secret``; before each of key B's guesses it is sent again, so it sits in the only
-    slot, or (after a decoy of B's took the slot) in the host-memory prompt cache. What B's guesses reuse
+def _what_the_attacker_sees(tmp: Path, victim: str) -> list[int]:
+    """Key A sends ``victim``; before each of key B's guesses it is sent again, so it sits in the only slot, or
+    (after a decoy of B's took the slot) in the host-memory prompt cache. What B's guesses reuse
     (``cached_tokens``) is all B can observe."""
     tmp.mkdir()
     keys = tmp / "keys.txt"
     keys.write_text(f"{KEY_A}\n{KEY_B}\n")
     srv = start_server(tmp, "--api-key-file", str(keys), "--parallel", "1", "--ctx-size", "1024")
-    victim = SECRET_PREFIX + secret + ". Answer politely."
     try:
         assert _cached(srv, KEY_A, victim) == 0
         assert _cached(srv, KEY_A, victim) > 20  # the owner reuses its own prefix
@@ -356,9 +355,13 @@ def _what_the_attacker_sees(tmp: Path, secret: str) -> list[int]:
 
 
 def test_a_second_key_learns_nothing_from_the_first_keys_prompt(tmp_path: Path) -> None:
-    # With a cache shared between keys, "48" and "482" would reuse more when the secret starts with them.
-    seen = _what_the_attacker_sees(tmp_path / "a", "4821")
-    assert seen == _what_the_attacker_sees(tmp_path / "b", "9735"), seen
+    # With a cache shared between keys, "48" and "482" would reuse more when the secret starts with them, and
+    # every guess more when A's prompt starts as B's guesses do at all.
+    seen = _what_the_attacker_sees(tmp_path / "a", SECRET_PREFIX + "4821. Answer politely.")
+    assert seen == _what_the_attacker_sees(tmp_path / "b", SECRET_PREFIX + "9735. Answer politely."), seen
+    unrelated = ("Write a short poem about the autumn rain falling on the roofs of an old harbour town, its boats, "
+                 "its gulls and its grey stone quays.")
+    assert seen == _what_the_attacker_sees(tmp_path / "c", unrelated), seen
     assert seen[0] == 0  # nothing of B's is cached yet, and A's cells are not B's
 
 
