@@ -128,6 +128,26 @@ def test_budget_never_lets_a_step_pass_two_decode_steps() -> None:
     assert budget.tokens(512) == 1
 
 
+def test_the_budget_remeasures_the_streams_alone_during_a_long_prefill() -> None:
+    """The streams' step was measured at 20 ms while the machine was busy; during the prefill it costs 10 ms and
+    each prompt token 10 ms more (a measured run of the embedded model: a stale baseline let 5-7 tokens a step
+    through, 4x steps). A plain step now and then brings the baseline back, and the budget to one token."""
+    budget = PrefillBudget()
+    for _ in range(30):
+        budget.observe(0.020, n_decode=1, n_prompt=0)
+    costs = []
+    for _ in range(300):
+        n = budget.tokens(512)
+        seconds = 0.010 + 0.010 * n
+        budget.observe(seconds, n_decode=1, n_prompt=n)
+        costs.append((n, seconds))
+    late = costs[-100:]
+    assert max(n for n, _ in late) == 1, late  # a step of one prompt token: 2x the streams' own
+    plain = sum(1 for n, _ in late if n == 0)
+    assert 100 // (budget.refresh_every + 1) <= plain <= 100 // budget.refresh_every + 1  # the refreshes, no more
+    assert PrefillBudget(fixed=8, since_plain=100).tokens(512) == 8  # a fixed budget never pauses the prompt
+
+
 def test_a_first_guess_from_a_short_prefill_does_not_unleash_a_long_step() -> None:
     """A 10-token prompt prefilled alone in 10 ms suggests 1 ms a token; beside a 10 ms decode step that would be a
     budget of 10, while a prompt token really costs about a decode step here: the budget starts from one token."""

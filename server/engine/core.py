@@ -534,9 +534,12 @@ class Engine:
             taken = {id(slot) for slot, _ in added[n_decode:]}
             waiting = [slot for slot in waiting if id(slot) not in taken]
         if waiting:
-            # Drafts lengthen the step like prompt tokens do: they come out of the prompts' budget (which still
-            # advances a prompt by at least one token).
-            room = max(min(1, batch.free), self._budget.tokens(batch.free) - n_drafts) if n_decode else batch.free
+            room = batch.free
+            if n_decode:
+                # Drafts lengthen the step like prompt tokens do: they come out of the prompts' budget (which still
+                # advances a prompt by at least one token, except in the budget's plain step now and then).
+                budget = self._budget.tokens(batch.free)
+                room = max(1, budget - n_drafts) if budget else 0
             self._add_prompts(batch, waiting, room, added, outputs, whole=False)
         prefilling = [slot.active.handle for slot, _ in added[n_decode:] if slot.active is not None]
         self._ctx.clear_abort()

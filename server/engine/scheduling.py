@@ -105,18 +105,29 @@ class PrefillBudget:
     ``decode + n * per_token``, so ``decode / per_token`` tokens make such a step about two decode steps long
     (a running stream's inter-token gap at most doubles). Both terms are moving averages of this engine's own
     steps, so the budget follows the model, the machine and the number of streams.
+
+    A long prefill beside the streams leaves no plain step to measure ``decode`` by, while the streams' contexts
+    grow and the machine's load changes (a decode step measured while the machine was busy, twice what it costs
+    later, let 4x steps pass for 2x). So while measuring, one step in ``refresh_every`` carries no prompt tokens:
+    the streams alone, weighted ``refresh_alpha``.
     """
 
     fixed: int = 0
     initial: int = 1  # until both costs are measured
     alpha: float = 0.2  # weight of the newest step in the averages
+    refresh_every: int = 16  # steps with prompt tokens between plain ones, while measuring
+    refresh_alpha: float = 0.5  # weight of such a plain step: it is the only fresh news of the decode cost
     decode_s: float | None = None  # a step of generating streams alone
     per_token_s: float | None = None  # what each prompt token adds to such a step
     last: int = 0
+    since_plain: int = 0  # steps with prompt tokens since the last plain one
 
     def tokens(self, room: int) -> int:
-        """The budget for the next step: at most ``room``, else at least 1 (a prompt always advances)."""
+        """The budget for the next step: at most ``room``, else at least 1 (a prompt always advances), but 0 in
+        the plain step that refreshes the decode cost now and then."""
         if room <= 0:
+            return 0
+        if not self.fixed and self.decode_s is not None and self.since_plain >= self.refresh_every:
             return 0
         if self.fixed:
             n = self.fixed
@@ -139,8 +150,11 @@ class PrefillBudget:
                 self.per_token_s = seconds / n_prompt  # a first guess from a prefill alone
             return
         if n_prompt == 0:
-            self.decode_s = seconds if self.decode_s is None else self.decode_s + self.alpha * (seconds - self.decode_s)
+            alpha = self.refresh_alpha if self.since_plain >= self.refresh_every else self.alpha
+            self.decode_s = seconds if self.decode_s is None else self.decode_s + alpha * (seconds - self.decode_s)
+            self.since_plain = 0
             return
+        self.since_plain += 1
         if self.decode_s is None:
             return
         # The step's cost beyond a plain decode step, per prompt token (never 0: a noisy step can cost less).
