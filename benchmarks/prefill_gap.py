@@ -53,34 +53,50 @@ def _stream(url: str, path: str, body: dict[str, object], marker: str, times: li
         steady.set()
 
 
-def quiet_round(url: str, n_gaps: int, api: str = "native", model: str = "any") -> dict[str, float]:
-    """The control for :func:`one_round`: a stream alone for as many gaps as one_round's prefill lasted. Its
-    worst gap over its steady gap, before and at its length (the same definitions), is what this machine's own
-    hiccups give with no prompt beside the stream."""
-    times: list[float] = []
-    n_tokens = STEADY_TOKENS + n_gaps + AFTER_TOKENS + 3
+def _stream_body(api: str, model: str, n_tokens: int) -> tuple[str, str, dict[str, object]]:
+    """(path, marker of a token's event, body) of a greedy stream of ``n_tokens`` through ``api``."""
     if api == "native":
-        path, marker = "/generate", '"token"'
-        body: dict[str, object] = {"prompt": "Once upon a time", "max_length": n_tokens, "temperature": 0,
-                                   "ignore_eos": True, "stream": True}
-    else:
-        path, marker = "/v1/completions", '"choices"'
-        body = {"model": model, "prompt": "Once upon a time", "max_tokens": n_tokens, "temperature": 0,
-                "ignore_eos": True, "stream": True}
+        return "/generate", '"token"', {"prompt": "Once upon a time", "max_length": n_tokens, "temperature": 0,
+                                        "ignore_eos": True, "stream": True}
+    return "/v1/completions", '"choices"', {"model": model, "prompt": "Once upon a time", "max_tokens": n_tokens,
+                                            "temperature": 0, "ignore_eos": True, "stream": True}
+
+
+def _gap_stats(before: list[float], during: list[tuple[int, float]], after: list[float]) -> dict[str, float]:
+    """A stream's gaps while something happened (``during``: (token index, gap)) against its steady gap before and
+    after. A stream's own steps slow down as its context grows, so each gap is also compared with the steady gap
+    at its length: from the middle of the ``before`` window to the end of ``during``, by tokens."""
+    steady = statistics.median(before)
+    steady_after = statistics.median(after) if len(after) >= 5 else steady
+    i0, i1 = STEADY_TOKENS // 2, (during[-1][0] + 1) if during else 1
+
+    def steady_at(i: int) -> float:
+        return steady + (steady_after - steady) * min(max((i - i0) / max(i1 - i0, 1), 0.0), 1.0)
+
+    gaps = sorted(g for _, g in during)
+    own = [g / steady_at(i) for i, g in during]
+    worst = gaps[-1] if gaps else steady
+    return {"steady_ms": steady * 1000, "steady_after_ms": steady_after * 1000, "worst_ms": worst * 1000,
+            "ratio": worst / steady, "ratio_at_length": max(own) if own else 1.0, "tokens_during": len(during),
+            "median_during_ratio": statistics.median(gaps) / steady if gaps else 0.0,
+            "p90_during_ratio": gaps[int(0.9 * (len(gaps) - 1))] / steady if gaps else 0.0,
+            "median_at_length": statistics.median(own) if own else 0.0}
+
+
+def quiet_round(url: str, n_gaps: int, api: str = "native", model: str = "any") -> dict[str, float]:
+    """The control for :func:`one_round`: the same stream alone, for as many gaps as one_round's prefill lasted,
+    measured the same way: what this machine's own hiccups give with no prompt beside the stream."""
+    n_gaps = max(n_gaps, 1)
+    times: list[float] = []
+    path, marker, body = _stream_body(api, model, STEADY_TOKENS + n_gaps + AFTER_TOKENS + 3)
     _stream(url, path, body, marker, times, threading.Event(), threading.Event())
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
-    before = gaps[5:STEADY_TOKENS - 1]
-    window = gaps[STEADY_TOKENS - 1:STEADY_TOKENS - 1 + n_gaps]
-    after = gaps[STEADY_TOKENS - 1 + n_gaps:][2:AFTER_TOKENS + 2]
-    if len(before) < 5 or not window:
+    first = STEADY_TOKENS - 1  # the gap that ends at the token one_round sends its prompt after
+    before = gaps[5:first]
+    if len(before) < 5 or len(gaps) < first + n_gaps:
         raise RuntimeError(f"{url}: the quiet stream gave {len(times)} tokens")
-    steady_gap = statistics.median(before)
-    steady_after = statistics.median(after) if len(after) >= 5 else steady_gap
-    own = [g / (steady_gap + (steady_after - steady_gap) * i / max(len(window) - 1, 1)) for i, g in enumerate(window)]
-    return {"gaps": len(window), "steady_ms": steady_gap * 1000, "steady_after_ms": steady_after * 1000,
-            "worst_ms": max(window) * 1000, "ratio": max(window) / steady_gap, "ratio_at_length": max(own),
-            "median_at_length": statistics.median(own), "median_ratio": statistics.median(window) / steady_gap,
-            "p90_ratio": sorted(window)[int(0.9 * (len(window) - 1))] / steady_gap}
+    during = list(enumerate(gaps))[first:first + n_gaps]
+    return _gap_stats(before, during, gaps[first + n_gaps:][2:AFTER_TOKENS + 2])
 
 
 def one_round(url: str, long_prompt: str, api: str = "native", model: str = "any",
@@ -91,23 +107,15 @@ def one_round(url: str, long_prompt: str, api: str = "native", model: str = "any
 
     A stream's own steps grow slower as its context grows (attention reads every cell), and it may grow by the
     prompt's length while a budget prefills it token by token beside it. So each gap during the prefill is also
-    compared with the steady gap the stream has at that length (between the one before and the one after, by
-    tokens), which is what the prefill itself adds; ``stream_tokens`` must leave room for ``AFTER_TOKENS`` more
-    tokens after the prefill (else there is no "after" and the before gap stands for both)."""
+    compared with the steady gap the stream has at that length (:func:`_gap_stats`), which is what the prefill
+    itself adds; ``stream_tokens`` must leave room for ``AFTER_TOKENS`` more tokens after the prefill (else there
+    is no "after" and the before gap stands for both)."""
     times: list[float] = []
     steady = threading.Event()
     stop = threading.Event()
-    if api == "native":
-        path, marker = "/generate", '"token"'
-        stream_body = {"prompt": "Once upon a time", "max_length": stream_tokens, "temperature": 0,
-                       "ignore_eos": True, "stream": True}
-        long_body = {"prompt": long_prompt, "max_length": 1, "temperature": 0, "cache_prompt": False}
-    else:
-        path, marker = "/v1/completions", '"choices"'
-        stream_body = {"model": model, "prompt": "Once upon a time", "max_tokens": stream_tokens, "temperature": 0,
-                       "ignore_eos": True, "stream": True}
-        long_body = {"model": model, "prompt": long_prompt, "max_tokens": 1, "temperature": 0}
-
+    path, marker, stream_body = _stream_body(api, model, stream_tokens)
+    long_body: dict[str, object] = {"prompt": long_prompt, "temperature": 0}
+    long_body.update({"max_length": 1, "cache_prompt": False} if api == "native" else {"model": model, "max_tokens": 1})
     runner = threading.Thread(target=_stream, args=(url, path, stream_body, marker, times, steady, stop))
     runner.start()
     steady.wait(900)
@@ -127,21 +135,8 @@ def one_round(url: str, long_prompt: str, api: str = "native", model: str = "any
     after = [b - a for a, b in pairs if a >= t1][2:AFTER_TOKENS + 2]
     if len(before) < 5:
         raise RuntimeError(f"{url}: the stream gave {len(times)} tokens, too few before the long prompt")
-    steady_gap = statistics.median(before)
-    steady_after = statistics.median(after) if len(after) >= 5 else steady_gap
-    i0, i1 = STEADY_TOKENS // 2, (during[-1][0] + 1) if during else 1
-    def steady_at(i: int) -> float:  # the stream's steady gap at its i-th token, by tokens between before and after
-        return steady_gap + (steady_after - steady_gap) * min(max((i - i0) / max(i1 - i0, 1), 0.0), 1.0)
-    gaps_during = [g for _, g in during]
-    worst = max(gaps_during) if gaps_during else max(b - a for a, b in pairs)
-    own = [g / steady_at(i) for i, g in during]
-    return {"prompt_tokens": answer["usage"]["prompt_tokens"], "steady_ms": steady_gap * 1000,
-            "steady_after_ms": steady_after * 1000, "worst_ms": worst * 1000, "ratio": worst / steady_gap,
-            "ratio_at_length": max(own) if own else worst / steady_gap, "ttft_s": t1 - t0,
-            "tokens_during": len(during),
-            "median_during_ratio": statistics.median(gaps_during) / steady_gap if during else 0.0,
-            "p90_during_ratio": sorted(gaps_during)[int(0.9 * (len(during) - 1))] / steady_gap if during else 0.0,
-            "median_at_length": statistics.median(own) if own else 0.0}
+    return {"prompt_tokens": answer["usage"]["prompt_tokens"], "ttft_s": t1 - t0,
+            **_gap_stats(before, during, after)}
 
 
 def _step_cost(ctx, batch, tokens: list[int], n: int) -> float:  # type: ignore[no-untyped-def]

@@ -135,8 +135,8 @@ def main() -> None:
                 return statistics.median(row[key] for row in quiet)
             print(f"| llama-inference, the stream alone (control) | 0 | {qmed('steady_ms'):.0f} | "
                   f"{qmed('steady_after_ms'):.0f} | {qmed('worst_ms'):.0f} | **{qmed('ratio'):.2f}** | "
-                  f"**{qmed('ratio_at_length'):.2f}** | {qmed('median_ratio'):.2f} | {qmed('median_at_length'):.2f} | "
-                  f"{qmed('p90_ratio'):.2f} | {int(qmed('gaps'))} | |")
+                  f"**{qmed('ratio_at_length'):.2f}** | {qmed('median_during_ratio'):.2f} | "
+                  f"{qmed('median_at_length'):.2f} | {qmed('p90_during_ratio'):.2f} | {int(qmed('tokens_during'))} | |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"levels": [vars(lv) for lv in levels_out], "gaps": gaps, "quiet": quiet},
