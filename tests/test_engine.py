@@ -146,6 +146,14 @@ def test_the_budget_remeasures_the_streams_alone_during_a_long_prefill() -> None
     plain = sum(1 for n, _ in late if n == 0)
     assert 100 // (budget.refresh_every + 1) <= plain <= 100 // budget.refresh_every + 1  # the refreshes, no more
     assert PrefillBudget(fixed=8, since_plain=100).tokens(512) == 8  # a fixed budget never pauses the prompt
+    # Speculating streams put drafts in every step, so no step is plain: the prompt still advances in all but
+    # one step in refresh_every + 1.
+    drafting = PrefillBudget(decode_s=0.010, per_token_s=0.010)
+    given = []
+    for _ in range(170):
+        given.append(drafting.tokens(512))
+        drafting.observe(0.030, n_decode=1, n_prompt=2 + given[-1])  # two drafts and the prompt's tokens
+    assert given.count(0) == 10, given
 
 
 def test_a_first_guess_from_a_short_prefill_does_not_unleash_a_long_step() -> None:

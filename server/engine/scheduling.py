@@ -120,7 +120,8 @@ class PrefillBudget:
     decode_s: float | None = None  # a step of generating streams alone
     per_token_s: float | None = None  # what each prompt token adds to such a step
     last: int = 0
-    since_plain: int = 0  # steps with prompt tokens since the last plain one
+    since_plain: int = 0  # steps with prompt tokens since the last plain one (or the last refresh asked for)
+    refreshing: bool = False  # the next step was asked to carry no prompt tokens
 
     def tokens(self, room: int) -> int:
         """The budget for the next step: at most ``room``, else at least 1 (a prompt always advances), but 0 in
@@ -128,6 +129,9 @@ class PrefillBudget:
         if room <= 0:
             return 0
         if not self.fixed and self.decode_s is not None and self.since_plain >= self.refresh_every:
+            # Once per refresh_every steps whatever comes of it: drafts may still make the step not plain, and a
+            # prompt must not wait on that.
+            self.since_plain, self.refreshing = 0, True
             return 0
         if self.fixed:
             n = self.fixed
@@ -149,8 +153,9 @@ class PrefillBudget:
             if n_prompt and self.per_token_s is None:
                 self.per_token_s = seconds / n_prompt  # a first guess from a prefill alone
             return
+        refreshed, self.refreshing = self.refreshing, False
         if n_prompt == 0:
-            alpha = self.refresh_alpha if self.since_plain >= self.refresh_every else self.alpha
+            alpha = self.refresh_alpha if refreshed else self.alpha
             self.decode_s = seconds if self.decode_s is None else self.decode_s + alpha * (seconds - self.decode_s)
             self.since_plain = 0
             return
