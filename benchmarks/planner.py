@@ -95,7 +95,7 @@ def shape_from_gguf(path: Path) -> tuple[Shape, str, int]:
     data_bytes = sum(int(t.n_bytes) for t in reader.tensors)
     n_head = value(f"{arch}.attention.head_count")
     windowed = f"{arch}.attention.sliding_window" in reader.fields and value(f"{arch}.attention.sliding_window") > 0
-    recurrent = any(key.startswith((f"{arch}.ssm.", f"{arch}.rwkv.")) for key in reader.fields)
+    recurrent = any(key.startswith((f"{arch}.ssm.", f"{arch}.wkv.")) for key in reader.fields)  # Mamba, RWKV
     shape = Shape(
         name=path.name, n_layer=value(f"{arch}.block_count"), n_embd=value(f"{arch}.embedding_length"),
         n_head=n_head, n_head_kv=value(f"{arch}.attention.head_count_kv") if f"{arch}.attention.head_count_kv"
