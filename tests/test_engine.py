@@ -156,6 +156,24 @@ def test_the_budget_remeasures_the_streams_alone_during_a_long_prefill() -> None
     assert given.count(0) == 10, given
 
 
+def test_a_step_that_passed_two_decode_steps_caps_the_budget() -> None:
+    """A noisy low sample lets two tokens through; their step costs 2.9 decode steps (the 7B shape here): the
+    budget goes back to one token and stays there for ``hold`` steps though the estimate says two fit."""
+    budget = PrefillBudget(decode_s=0.279, per_token_s=0.140, last=1)
+    assert budget.tokens(512) == 2  # the estimate: 0.279 / 0.140 = 1.99, two tokens fit
+    budget.observe(0.808, n_decode=1, n_prompt=2)
+    given = []
+    while budget.capped_for:
+        budget.per_token_s, budget.decode_s = 0.140, 0.279  # the estimate keeps saying two
+        given.append(budget.tokens(512))
+        budget.observe(0.485 if given[-1] else 0.279, n_decode=1, n_prompt=given[-1])
+    assert set(given) == {0, 1} and given.count(1) == budget.hold  # one token, and the refreshing plain steps
+    budget.per_token_s, budget.since_plain = 0.140, 0
+    assert budget.tokens(512) == 2  # the cap has lapsed: measured again
+    budget.observe(0.530, n_decode=1, n_prompt=2)  # within two decode steps: no cap
+    assert budget.tokens(512) == 2
+
+
 def test_a_first_guess_from_a_short_prefill_does_not_unleash_a_long_step() -> None:
     """A 10-token prompt prefilled alone in 10 ms suggests 1 ms a token; beside a 10 ms decode step that would be a
     budget of 10, while a prompt token really costs about a decode step here: the budget starts from one token."""

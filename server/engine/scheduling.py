@@ -110,6 +110,10 @@ class PrefillBudget:
     grow and the machine's load changes (a decode step measured while the machine was busy, twice what it costs
     later, let 4x steps pass for 2x). So while measuring, one step in ``refresh_every`` carries no prompt tokens:
     the streams alone, weighted ``refresh_alpha``.
+
+    The averages still move with noise, and one low sample can let a step of two tokens through where one is all
+    that fits (the 7B shape here: 808 ms against 485 for one token and 279 for none, the worst gap of a run). So a
+    step of ``n`` tokens that did cost more than two decode steps caps the budget at ``n - 1`` for ``hold`` steps.
     """
 
     fixed: int = 0
@@ -122,6 +126,9 @@ class PrefillBudget:
     last: int = 0
     since_plain: int = 0  # steps with prompt tokens since the last plain one (or the last refresh asked for)
     refreshing: bool = False  # the next step was asked to carry no prompt tokens
+    hold: int = 256  # steps with prompt tokens a cap lasts
+    cap: int = 0  # at most this many tokens while capped_for > 0
+    capped_for: int = 0
 
     def tokens(self, room: int) -> int:
         """The budget for the next step: at most ``room``, else at least 1 (a prompt always advances), but 0 in
@@ -144,6 +151,8 @@ class PrefillBudget:
             # Grow gradually, from one token: neither one noisy step nor the first guess (from a prefill alone,
             # whose fixed costs hide what a token adds) may unleash a long step beside the streams.
             n = min(n, 2 * max(self.last, 1))
+            if self.capped_for:
+                n = min(n, self.cap)
         self.last = max(1, min(n, room))
         return self.last
 
@@ -162,6 +171,9 @@ class PrefillBudget:
         self.since_plain += 1
         if self.decode_s is None:
             return
+        self.capped_for = max(0, self.capped_for - 1)
+        if n_prompt > 1 and seconds > 2 * self.decode_s:  # more than the gap may grow: fewer tokens for a while
+            self.cap, self.capped_for = n_prompt - 1, self.hold
         # The step's cost beyond a plain decode step, per prompt token (never 0: a noisy step can cost less).
         sample = max(seconds - self.decode_s, 0.05 * self.decode_s) / n_prompt
         self.per_token_s = sample if self.per_token_s is None else self.per_token_s + self.alpha * (
