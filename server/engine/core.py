@@ -312,9 +312,6 @@ class Engine:
             kv_unified=s.kv_unified,
         )
         self._batch = Batch(s.batch_size)
-        cache_bytes = s.prompt_cache_bytes(kv_cache_bytes(info.n_layer, s.ctx_size, info.kv_width, self.cache_type))
-        if cache_bytes:
-            self._prompt_cache = PromptCache(cache_bytes)
         self._bind_metrics(self._ctx.n_ctx)  # llama.cpp rounds each sequence's cells up (to 256)
         if s.draft_model_path is not None:
             self._draft_model = DraftModel(
@@ -324,12 +321,14 @@ class Engine:
         # Cutting a sequence back to a shared prefix needs memory that keeps every cell of it: not recurrent
         # state (Mamba, RWKV, hybrids), and with sliding-window attention only while the window's cells remain.
         self._partial_reuse = not self.model.recurrent
-        if self._prompt_cache is not None and (self.model.n_swa or not self._partial_reuse):
+        cache_bytes = s.prompt_cache_bytes(kv_cache_bytes(info.n_layer, s.ctx_size, info.kv_width, self.cache_type))
+        if cache_bytes and (self.model.n_swa or not self._partial_reuse):
             # A restored sliding-window sequence would mostly be cut back to nothing (_cut_back's window check).
             log.log(logging.INFO if s.cache_ram_mib == "auto" else logging.WARNING,
                     "CACHE_RAM_MIB: no prompt cache for a %s model", "sliding-window" if self.model.n_swa
                     else "recurrent")
-            self._prompt_cache = None
+        elif cache_bytes:
+            self._prompt_cache = PromptCache(cache_bytes)
         log.info(
             "model loaded in %.2fs: %s (%s, %.2f GiB, %d params); %d slots x %d tokens, KV cache %s, mmap %s, "
             "%d threads, prompt-prefix reuse %s, prompt cache %s", time.perf_counter() - t0, self.info.path,
