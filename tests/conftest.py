@@ -78,6 +78,15 @@ def wait_until_ready(server: LiveServer, timeout: float = 60.0) -> None:
     raise RuntimeError(f"server not ready after {timeout}s:\n{server.log()}")
 
 
+def metric(text: str, name: str, labels: str = "") -> float:
+    """A sample's value in a Prometheus exposition (``/metrics``), 0 where the series is absent."""
+    key = f"{name}{{{labels}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith(key + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def stop_server(server: LiveServer, timeout: float = 20.0) -> int:
     if server.process.poll() is None:
         server.process.terminate()

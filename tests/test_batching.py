@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import LiveServer, start_server, stop_server
+from tests.conftest import LiveServer, metric, start_server, stop_server
 
 PROMPTS = [
     "Once upon a time",
@@ -18,14 +18,6 @@ PROMPTS = [
     "Here is a recipe for pancakes:",
     "def quicksort(items):",
 ]
-
-
-def metric(text: str, name: str, labels: str = "") -> float:
-    key = f"{name}{{{labels}}}" if labels else name
-    for line in text.splitlines():
-        if line.startswith(key + " "):
-            return float(line.split()[-1])
-    return 0.0
 
 
 def wait_for_metric(client: httpx.Client, name: str, want: float, timeout: float = 5.0) -> float:

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from server.engine.prompt_cache import PromptCache, worth_restoring
 from server.engine.scheduling import COPY_MIN_TOKENS, PrefillBudget, choose_slot
 from server.settings import Settings
-from tests.conftest import REPO, LiveServer, free_port, start_server, stop_server, wait_until_ready
+from tests.conftest import REPO, LiveServer, free_port, metric, start_server, stop_server, wait_until_ready
 from tests.swa_model import write_swa_model
 
 SYSTEM = ("You are a helpful assistant who answers questions about the sea, ships, lighthouses and the weather "
@@ -390,7 +390,7 @@ def conversation_after_another(tmp: Path, cache_ram_mib: str) -> tuple[dict, dic
             first = generate(client, a1)
             generate(client, b1)
             metrics = client.get("/metrics").text
-            cache_bytes = float(re.search(r"^llama_prompt_cache_bytes (\S+)$", metrics, re.M)[1])  # type: ignore[index]
+            cache_bytes = metric(metrics, "llama_prompt_cache_bytes")
             a2 = a1 + first["text"] + " And then?"
             second = generate(client, a2)
             fresh = generate(client, a2, cache_prompt=False)
@@ -562,15 +562,14 @@ def test_a_restore_never_overwrites_cells_a_queued_copy_is_about_to_read(tmp_pat
             c = generate(client, bread)  # slot 0
             generate(client, "Tell me about the weather in Lisbon.")  # slot 1, empty till now
             generate(client, system + turn)  # the least recently used slot, 0: the bread goes to host memory
-            assert float(re.search(r"^llama_prompt_cache_bytes (\S+)$", client.get("/metrics").text,
-                                   re.M)[1]) > 0  # type: ignore[index]
+            assert metric(client.get("/metrics").text, "llama_prompt_cache_bytes") > 0
             first = system + "Which lamp oil burns longest?"  # a copy of slot 0's system prompt, into slot 1
             second = bread + c["text"] + " And the crust?"  # its cells are in host memory; only slot 0 is left
             hold.touch()
             with ThreadPoolExecutor(2) as pool:
                 one = pool.submit(generate, client, first, max_length=16, ignore_eos=True)
                 deadline = time.monotonic() + 30
-                while "\nllama_queue_depth 1.0" not in client.get("/metrics").text:
+                while metric(client.get("/metrics").text, "llama_queue_depth") != 1:
                     assert time.monotonic() < deadline, "the first request never waited"
                     time.sleep(0.02)
                 two = pool.submit(generate, client, second, max_length=16, ignore_eos=True)

@@ -18,7 +18,7 @@ from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from benchmarks.soak import run_soak
-from tests.conftest import LiveServer, start_server, stop_server
+from tests.conftest import LiveServer, metric, start_server, stop_server
 
 SLOTS, QUEUE = 2, 2
 SOAK_CACHE_MIB = 8
@@ -35,17 +35,11 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     stop_server(server)
 
 
-def metric(client: httpx.Client, name: str) -> float:
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    return 0.0
-
-
 def wait_idle(client: httpx.Client, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if metric(client, "llama_slots_busy") == 0 and metric(client, "llama_queue_depth") == 0:
+        text = client.get("/metrics").text
+        if metric(text, "llama_slots_busy") == 0 and metric(text, "llama_queue_depth") == 0:
             return
         time.sleep(0.05)
     raise AssertionError("slots still busy")
@@ -144,8 +138,8 @@ def test_fifty_streaming_clients_drop_and_everything_is_freed(tmp_path_factory: 
             wait_idle(c, timeout=20)
             # Cancelled requests leave their slots free; each slot keeps only its last request's cells for reuse
             # (a short prompt and the few tokens made before the drop was noticed), not 100 requests' worth.
-            assert metric(c, "llama_slots_busy") == 0
-            assert metric(c, "llama_kv_cache_tokens") <= 4 * 64
+            assert metric(c.get("/metrics").text, "llama_slots_busy") == 0
+            assert metric(c.get("/metrics").text, "llama_kv_cache_tokens") <= 4 * 64
             assert c.post("/generate", json={"prompt": "Calm again", "max_length": 4}).status_code == 200
             cancelled = sum(float(line.split()[-1]) for line in c.get("/metrics").text.splitlines()
                             if line.startswith('llama_requests_finished_total{finish_reason="cancelled"}'))
@@ -167,4 +161,4 @@ def test_soak_of_500_mixed_requests_keeps_memory_flat(small: LiveServer) -> None
     with httpx.Client(base_url=small.url, timeout=30) as client:
         wait_idle(client)
         # The prompt cache was in use all along, and stayed within its bound.
-        assert 0 < metric(client, "llama_prompt_cache_bytes") <= SOAK_CACHE_MIB * 2**20
+        assert 0 < metric(client.get("/metrics").text, "llama_prompt_cache_bytes") <= SOAK_CACHE_MIB * 2**20
