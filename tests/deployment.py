@@ -4,6 +4,7 @@ they imply, and the README walkthroughs' commands."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import shutil
@@ -33,6 +34,14 @@ PROMPT_TPS = 100 / 5.76
 MEASURED_RSS_GIB = {(True, "f16"): 8.76, (False, "f16"): 5.93, (True, "q8_0"): 7.82, (False, "q8_0"): 4.99}
 # Seconds for uvicorn to close its connections and the process to exit after the drain.
 SHUTDOWN_S = 20
+
+
+def is_loopback(host: str) -> bool:
+    """Whether the server listening on ``host`` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
 
 
 def env_pointer(env_dir: Path) -> dict[str, Any]:

@@ -11,7 +11,8 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -19,6 +20,7 @@ import jsonschema
 import pytest
 
 from server.model_files import embedded_model_path
+from server.settings import Settings
 from tests.conftest import free_port
 from tests.deployment import (
     BUILD_ENV,
@@ -27,6 +29,7 @@ from tests.deployment import (
     RUNTIME_ENV,
     built_packages,
     env_pointer,
+    is_loopback,
     manifest,
     runnable,
     walkthrough,
@@ -73,15 +76,20 @@ def check_model_file(runtime: Path, build: Path) -> None:
     assert manifest(runtime)["vars"]["MODEL_FILE"] == f"{name[1]}.{quant[1]}.gguf"
 
 
+# What a caller's environment could set that decides who may connect; the activations here start without them.
+ACCESS = ("HOST", "API_KEY", "API_KEY_FILE", "ALLOW_UNAUTHENTICATED")
+
+
 def activation(runtime: Path, flox_env: Path, cache: Path, **extra: str) -> tuple[str, dict[str, str]]:
-    """What `flox activate --start-services` runs, as a script and its environment: [vars] exported, the
-    on-activate hook, then the service's command. On loopback, 2 threads, a free port."""
+    """What `flox activate --start-services` runs, as a script and its environment: the caller's variables
+    (``extra``), [vars] exported over them, the on-activate hook, then the service's command. The manifest's
+    address (loopback), 2 threads, a free port."""
     m = manifest(runtime)
-    env = {k: v for k, v in os.environ.items() if k not in m["vars"] and k != "MODEL_PATH"}
+    env = {k: v for k, v in os.environ.items() if k not in ("MODEL_PATH", *ACCESS)}
+    env.update(extra)
     env.update(m["vars"])
     env.update({"PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}", "FLOX_ENV": str(flox_env),
-                "FLOX_ENV_CACHE": str(cache), "HOST": "127.0.0.1", "N_THREADS": "2", "PORT": str(free_port())})
-    env.update(extra)
+                "FLOX_ENV_CACHE": str(cache), "N_THREADS": "2", "PORT": str(free_port())})
     script = m.get("hook", {}).get("on-activate", "") + "\n" + m["services"]["llama-server"]["command"]
     return script, env
 
@@ -94,10 +102,13 @@ def flox_env_with_model(tmp_path: Path, runtime: Path) -> Path:
     return tmp_path / "flox-env"
 
 
-def check_service_serves(runtime: Path, tmp_path: Path) -> None:
-    """The hook finds the model package's file and the service serves it, with the manifest's settings."""
-    cache = tmp_path / "cache"
-    script, env = activation(runtime, flox_env_with_model(tmp_path, runtime), cache)
+@contextmanager
+def service(runtime: Path, tmp_path: Path, **extra: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """The runtime's service running on the model package's file, as (its URL, its environment), until SIGTERM,
+    which must drain it to exit 0. Loopback only: a manifest that would listen beyond it is not started here."""
+    script, env = activation(runtime, flox_env_with_model(tmp_path, runtime), tmp_path / "cache", **extra)
+    host = env.get("HOST", Settings.model_fields["host"].default)
+    assert is_loopback(host), f"the service would listen on {host}"
     errors = tmp_path / "service.stderr"
     with errors.open("wb") as err:
         proc = subprocess.Popen(["bash", "-c", script], env=env, cwd=tmp_path, stderr=err)
@@ -111,17 +122,57 @@ def check_service_serves(runtime: Path, tmp_path: Path) -> None:
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
-        assert ready is not None and ready.status_code == 200, errors.read_text()
-        assert ready.json()["slots"] == int(env["PARALLEL"])
-        answer = httpx.post(url + "/generate", json={"prompt": "The capital of France is", "max_length": 4},
-                            timeout=60).json()
-        assert answer["usage"]["completion_tokens"] >= 1
+        log = tmp_path / "cache/logs/llama-server.log"
+        assert ready is not None and ready.status_code == 200, errors.read_text() + (
+            log.read_text()[-2000:] if log.exists() else "")
+        yield url, env
     finally:
         proc.terminate()
         code = proc.wait(30)
     assert code == 0  # SIGTERM drains and exits 0
-    log = (cache / "logs/llama-server.log").read_text()
-    assert '"message": "Uvicorn running on' in log  # LOG_JSON from the manifest's [vars]
+
+
+def check_service_serves(runtime: Path, tmp_path: Path) -> None:
+    """The hook finds the model package's file and the service serves it, with the manifest's settings: on
+    loopback, with no key."""
+    with service(runtime, tmp_path) as (url, env):
+        assert httpx.get(url + "/ready").json()["slots"] == int(env["PARALLEL"])
+        answer = httpx.post(url + "/generate", json={"prompt": "The capital of France is", "max_length": 4},
+                            timeout=60).json()
+        assert answer["usage"]["completion_tokens"] >= 1
+    log = (tmp_path / "cache/logs/llama-server.log").read_text()
+    # LOG_JSON from the manifest's [vars]; the address from its HOST.
+    assert f'"message": "Uvicorn running on http://127.0.0.1:{env["PORT"]}' in log, log[-2000:]
+
+
+def check_service_takes_the_callers_key(runtime: Path, tmp_path: Path) -> None:
+    """The caller's API_KEY_FILE reaches the server through the activation (flox/README.md, serving other
+    machines): generation needs a key of that file."""
+    key = os.urandom(32).hex()
+    (tmp_path / "keys").write_text(key + "\n")
+    with service(runtime, tmp_path, API_KEY_FILE=str(tmp_path / "keys")) as (url, _):
+        body = {"prompt": "The capital of France is", "max_length": 2}
+        assert httpx.post(url + "/generate", json=body, timeout=60).status_code == 401
+        answer = httpx.post(url + "/generate", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        assert answer.status_code == 200, answer.text
+
+
+def check_runtime_closed(runtime: Path, tmp_path: Path) -> None:
+    """Activated by a caller who set nothing, the environment listens on loopback unless it also configures a key,
+    and nothing in it opts out of authentication (ALLOW_UNAUTHENTICATED); the service's command adds no address
+    of its own. The pod in k8s/ passes its address and key as flags (tests/test_k8s.py checks them)."""
+    m = manifest(runtime)
+    seen = tmp_path / "access"
+    env = {"PATH": os.environ["PATH"], "FLOX_ENV": str(tmp_path / "flox-env"), "SEEN": str(seen), **m["vars"]}
+    report = " ".join(f'"{name}=${{{name}:-}}"' for name in ACCESS)
+    script = m.get("hook", {}).get("on-activate", "") + f'\nprintf "%s\\n" {report} > "$SEEN"'
+    subprocess.run(["bash", "-euc", script], env=env, capture_output=True, check=True, timeout=30)
+    access = dict(line.split("=", 1) for line in seen.read_text().splitlines())
+    host = access["HOST"] or Settings.model_fields["host"].default
+    assert is_loopback(host) or access["API_KEY"] or access["API_KEY_FILE"], f"listens on {host} without a key"
+    assert not access["ALLOW_UNAUTHENTICATED"], "the runtime environment opts out of authentication"
+    command = m["services"]["llama-server"]["command"]
+    assert not re.search(r"--host\b|allow[-_]unauthenticated", command, re.I), command
 
 
 def check_service_refuses_a_missing_model(runtime: Path, tmp_path: Path) -> None:
@@ -163,6 +214,11 @@ def test_runtime_installs_what_the_build_publishes() -> None:
 
 def test_runtime_service_starts_the_server_on_the_model_package(tmp_path: Path) -> None:
     check_service_serves(RUNTIME_ENV, tmp_path)
+
+
+def test_runtime_listens_on_loopback_unless_given_a_key(tmp_path: Path) -> None:
+    check_runtime_closed(RUNTIME_ENV, tmp_path)
+    check_service_takes_the_callers_key(RUNTIME_ENV, tmp_path)
 
 
 def test_runtime_service_refuses_a_missing_model(tmp_path: Path) -> None:
@@ -213,6 +269,21 @@ MUTATIONS: dict[str, tuple[str, str | None, str, Callable[[Path, Path], None]]] 
     "service hook removed": (
         RUNTIME_MANIFEST, 'export MODEL_PATH="${MODEL_PATH:-$FLOX_ENV/share/models/$MODEL_FILE}"', "true",
         lambda r, t: check_service_serves(r / "llama-runtime", t)),
+    "listening on every address without a key": (
+        RUNTIME_MANIFEST, 'HOST = "127.0.0.1"', 'HOST = "0.0.0.0"',
+        lambda r, t: check_runtime_closed(r / "llama-runtime", t)),
+    "the hook opens the address": (
+        RUNTIME_MANIFEST, "  export MODEL_PATH=", "  export HOST=0.0.0.0\n  export MODEL_PATH=",
+        lambda r, t: check_runtime_closed(r / "llama-runtime", t)),
+    "the service opens the address": (
+        RUNTIME_MANIFEST, "exec llama-inference serve >>", "exec llama-inference serve --host 0.0.0.0 >>",
+        lambda r, t: check_runtime_closed(r / "llama-runtime", t)),
+    "opted out of authentication": (
+        RUNTIME_MANIFEST, 'LOG_JSON = "true"', 'LOG_JSON = "true"\nALLOW_UNAUTHENTICATED = "true"',
+        lambda r, t: check_runtime_closed(r / "llama-runtime", t)),
+    "a key file in [vars], over the caller's": (
+        RUNTIME_MANIFEST, 'LOG_JSON = "true"', 'LOG_JSON = "true"\nAPI_KEY_FILE = "/etc/llama-inference-keys"',
+        lambda r, t: check_service_takes_the_callers_key(r / "llama-runtime", t)),
     "MODEL_PATH check removed": (
         RUNTIME_MANIFEST, 'if [ -z "${MODEL_PATH:-}" ] || [ ! -f "$MODEL_PATH" ]; then', "if false; then",
         lambda r, t: check_service_refuses_a_missing_model(r / "llama-runtime", t)),

@@ -30,6 +30,7 @@ from tests.deployment import (
     SHUTDOWN_S,
     drain_needed_s,
     env_pointer,
+    is_loopback,
     kubectl,
     manifest,
     memory_gib,
@@ -63,6 +64,37 @@ def one(docs: Docs, kind: str) -> dict[str, Any]:
 
 def container(docs: Docs) -> dict[str, Any]:
     return dict(one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0])
+
+
+# The settings that belong to the pod, not to the environment: where it listens and where its Secret is mounted.
+POD_SETTINGS = {"HOST", "API_KEY_FILE"}
+# The server's opt-out from refusing to listen beyond loopback without a key (ALLOW_UNAUTHENTICATED, or the flag).
+UNAUTHENTICATED = re.compile(r"allow[-_]unauthenticated", re.I)
+
+
+def pod_flags(docs: Docs) -> dict[str, str]:
+    """The server settings the container's command line sets, by environment name (`--api-key-file=F` or
+    `--api-key-file F` -> API_KEY_FILE: F), as the CLI generates one flag per settings field."""
+    server = container(docs)
+    words = [*server.get("command", []), *server.get("args", [])]
+    assert words[:2] == ["llama-inference", "serve"], words
+    flags: dict[str, str] = {}
+    rest = iter(words[2:])
+    for word in rest:
+        assert word.startswith("--"), f"not a flag: {word} (the model comes from the manifest's MODEL_FILE)"
+        name, _, value = word[2:].partition("=")
+        flags[name.replace("-", "_").upper()] = value if "=" in word else next(rest)
+    return flags
+
+
+def effective(docs: Docs, settings: dict[str, str], name: str) -> str | None:
+    """A setting as the server in the pod sees it: a flag wins over the environment, where Flox's [vars] win over
+    the pod's own variables."""
+    pod_env = {e["name"]: e.get("value") for e in container(docs).get("env", [])}
+    for source in (pod_flags(docs), settings, pod_env):
+        if name in source:
+            return source[name]
+    return None
 
 
 @pytest.fixture(scope="module")
@@ -126,14 +158,52 @@ def check_resources(overlay: Docs, settings: dict[str, str]) -> None:
 
 
 def check_settings_in_one_place(overlay: Docs, settings: dict[str, str]) -> None:
-    """The server's settings come from the manifest's [vars] only: the pod sets none of them (Flox's [vars] would
-    override the pod's anyway), and the manifest's values parse."""
+    """The server's settings come from the manifest's [vars]: the pod's environment sets none of them (Flox's
+    [vars] would override it anyway), its command line only the pod's own (POD_SETTINGS), and the manifest's
+    values parse."""
     env = {e["name"] for e in container(overlay).get("env", [])}
     known = {name.upper() for name in Settings.model_fields}
     assert not env & known, f"server settings in the Deployment, not the manifest: {sorted(env & known)}"
+    flags = set(pod_flags(overlay))
+    assert flags <= POD_SETTINGS, f"server settings on the pod's command line, not the manifest: {sorted(flags)}"
     # As the server reads them: from the environment Flox exports (JSON lists such as ALLOWED_HOSTS included).
     with mock.patch.dict(os.environ, {k: v for k, v in settings.items() if k in known and k != "MODEL_PATH"}):
         Settings()
+
+
+def check_closed(overlay: Docs, settings: dict[str, str], readme: str, env_dir: Path = RUNTIME_ENV) -> None:
+    """The pod listens on its address (probes and the Service reach it there) with an API key: API_KEY_FILE is a
+    file of a mounted Secret volume that is not optional (no Secret, no pod, rather than an open one), the
+    Secret is not committed but created as the README says, with a random key of 32 characters or more, and
+    nothing, in the pod or in the environment it runs, opts out of authentication."""
+    host = effective(overlay, settings, "HOST")
+    assert host is not None and not is_loopback(host), f"the pod listens on {host}: probes and the Service fail"
+    key_file = effective(overlay, settings, "API_KEY_FILE")
+    assert key_file, f"the pod listens on {host} without an API key"
+    pod = one(overlay, "Deployment")["spec"]["template"]["spec"]
+    mounts = [m for m in pod["containers"][0].get("volumeMounts", [])
+              if Path(key_file).parent == Path(m["mountPath"]) and "subPath" not in m]
+    assert len(mounts) == 1, f"API_KEY_FILE {key_file} is in no mounted volume"
+    assert mounts[0].get("readOnly") is True
+    volume = next(v for v in pod["volumes"] if v["name"] == mounts[0]["name"])
+    assert "secret" in volume, f"API_KEY_FILE {key_file} is in volume {volume}, not a Secret"
+    secret = volume["secret"]
+    assert secret.get("optional", False) is False, "an optional key Secret lets the pod start without it"
+    keys = {item["path"]: item["key"] for item in secret["items"]} if "items" in secret else None
+    file_name = Path(key_file).name
+    assert keys is None or file_name in keys, f"the Secret projects {sorted(keys or [])}, not {file_name}"
+    secret_key = keys[file_name] if keys else file_name
+    assert not [d for d in overlay if d["kind"] == "Secret"], "a Secret in the manifests: its key is committed"
+    namespace = one(overlay, "Namespace")["metadata"]["name"]
+    made = re.findall(rf"openssl rand -hex (\d+) \| kubectl -n {re.escape(namespace)} create secret generic "
+                      r"(\S+) --from-file=([\w.-]+)=/dev/stdin", readme)
+    assert made, f"the README does not create the API key Secret in {namespace}"
+    assert all((name, key) == (secret["secretName"], secret_key) and 2 * int(n) >= 32 for n, name, key in made), \
+        (made, secret["secretName"], secret_key)
+    assert not UNAUTHENTICATED.search(yaml.safe_dump_all(overlay)), "the pod opts out of authentication"
+    m = manifest(env_dir)
+    runs = [*m.get("vars", {}), *m.get("hook", {}).values(), *(s["command"] for s in m.get("services", {}).values())]
+    assert not UNAUTHENTICATED.search("\n".join(runs)), "the runtime environment opts out of authentication"
 
 
 def check_autoscaling(overlay: Docs, adapter_values: dict[str, Any]) -> None:
@@ -180,6 +250,7 @@ def test_overlay_is_consistent(rendered: dict[str, Docs], overlay: str) -> None:
     check_grace_period(docs, settings)
     check_resources(docs, settings)
     check_settings_in_one_place(docs, settings)
+    check_closed(docs, settings, (K8S / "README.md").read_text())
     check_autoscaling(docs, yaml.safe_load(ADAPTER_VALUES.read_text()))
     check_namespaces(docs)
     assert one(docs, "Namespace")["metadata"]["name"] == f"llama-{overlay.rsplit('/', 1)[1]}"
@@ -187,7 +258,7 @@ def test_overlay_is_consistent(rendered: dict[str, Docs], overlay: str) -> None:
 
 def test_private_environments_get_the_floxhub_token_as_flox_documents(rendered: dict[str, Docs]) -> None:
     pod = one(rendered["overlays/production"], "Deployment")["spec"]["template"]["spec"]
-    volume = next(v for v in pod["volumes"] if "secret" in v)
+    volume = next(v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "floxhub-token")
     assert volume["secret"] == {"secretName": "floxhub-token", "optional": True}
     mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"])
     assert mount == {"name": volume["name"], "mountPath": "/var/run/secrets/flox.dev", "readOnly": True}
@@ -313,7 +384,50 @@ MUTATIONS: dict[str, tuple[str, str, str, Callable[[Path], None]]] = {
     "overlay without its namespace": (
         "k8s/overlays/staging/kustomization.yaml", "  - namespace.yaml\n", "",
         lambda r: check_namespaces(render(r / "k8s/overlays/staging"))),
+    # Closed by default: a key from a Secret that must exist, and nothing that opts out.
+    "API key Secret not mounted": (
+        "k8s/base/deployment.yaml",
+        "            - name: api-keys\n              mountPath: /var/run/secrets/llama-inference\n"
+        "              readOnly: true\n", "",
+        lambda r: closed(r, "production")),
+    "API key Secret optional": (
+        "k8s/base/deployment.yaml", "secretName: llama-inference-api-keys\n            optional: false",
+        "secretName: llama-inference-api-keys\n            optional: true",
+        lambda r: closed(r, "production")),
+    "API key file outside the Secret's mount": (
+        "k8s/base/deployment.yaml", "--api-key-file=/var/run/secrets/llama-inference/api-keys",
+        "--api-key-file=/tmp/api-keys", lambda r: closed(r, "production")),
+    "API key file the Secret does not project": (
+        "k8s/base/deployment.yaml", "- key: api-keys\n                path: api-keys",
+        "- key: api-keys\n                path: keys", lambda r: closed(r, "production")),
+    "no API key": (
+        "k8s/base/deployment.yaml", ', "--api-key-file=/var/run/secrets/llama-inference/api-keys"', "",
+        lambda r: closed(r, "production")),
+    "the pod on the manifest's loopback": (
+        "k8s/base/deployment.yaml", '"--host=0.0.0.0", ', "", lambda r: closed(r, "production")),
+    "ALLOW_UNAUTHENTICATED in the Deployment": (
+        "k8s/base/deployment.yaml", '- name: HOME\n              value: "/tmp"',
+        '- name: HOME\n              value: "/tmp"\n            - name: ALLOW_UNAUTHENTICATED\n'
+        '              value: "true"', lambda r: closed(r, "staging")),
+    "ALLOW_UNAUTHENTICATED in the runtime environment": (
+        "flox/llama-runtime/.flox/env/manifest.toml", 'LOG_JSON = "true"',
+        'LOG_JSON = "true"\nALLOW_UNAUTHENTICATED = "true"', lambda r: closed(r, "staging")),
+    "the Secret created under another name": (
+        "k8s/README.md", "kubectl -n llama-staging create secret generic llama-inference-api-keys",
+        "kubectl -n llama-staging create secret generic api-keys", lambda r: closed(r, "staging")),
+    "a key shorter than 32 characters": (
+        "k8s/README.md", "openssl rand -hex 32 | kubectl -n llama-production",
+        "openssl rand -hex 8 | kubectl -n llama-production", lambda r: closed(r, "production")),
+    "a server setting on the pod's command line": (
+        "k8s/base/deployment.yaml", '"--host=0.0.0.0", ', '"--host=0.0.0.0", "--ctx-size=8192", ',
+        lambda r: check_settings_in_one_place(render(r / "k8s/overlays/staging"),
+                                              runtime_vars(r / "flox/llama-runtime"))),
 }
+
+
+def closed(root: Path, overlay: str) -> None:
+    check_closed(render(root / "k8s/overlays" / overlay), runtime_vars(root / "flox/llama-runtime"),
+                 (root / "k8s/README.md").read_text(), env_dir=root / "flox/llama-runtime")
 
 
 @pytest.mark.parametrize("mutation", MUTATIONS)
@@ -326,11 +440,16 @@ def test_each_mutation_is_caught(tmp_path: Path, mutation: str) -> None:
 # ---- against a running server, and the README ----
 
 def test_probes_and_adapter_metrics_on_a_running_server(tmp_path: Path, rendered: dict[str, Docs]) -> None:
-    """The pod's probes answer, and the series the adapter rule reads exist, on the server started with the
-    runtime manifest's settings (on loopback, with the embedded model instead of LLaMA 2 7B)."""
+    """The pod's probes answer, and the series the adapter rule reads exist, without a key, on the server started
+    with the runtime manifest's settings and the pod's API key flag (on loopback, with the embedded model instead
+    of LLaMA 2 7B, a key file in place of the Secret); generation needs the key."""
     settings = runtime_vars()
     pod_settings = {k: v for k, v in settings.items() if k not in ("MODEL_FILE", "HOST", "PORT", "N_THREADS")}
-    server = start_server(tmp_path, env=pod_settings)
+    key = os.urandom(32).hex()
+    (tmp_path / "api-keys").write_text(key + "\n")
+    flags = pod_flags(rendered["overlays/staging"])
+    assert set(flags) == {"HOST", "API_KEY_FILE"}
+    server = start_server(tmp_path, f"--api-key-file={tmp_path / 'api-keys'}", env=pod_settings)
     try:
         server_container = container(rendered["overlays/staging"])
         ports = {p["name"]: p["containerPort"] for p in server_container["ports"]}
@@ -348,6 +467,11 @@ def test_probes_and_adapter_metrics_on_a_running_server(tmp_path: Path, rendered
         assert series == {"llama_slots_busy", "llama_queue_depth", "llama_slots_total"}
         values = {name: float(re.search(rf"^{name} (\S+)$", metrics, re.M)[1]) for name in series}  # type: ignore[index]
         assert values["llama_slots_total"] == int(settings["PARALLEL"]) and values["llama_slots_busy"] == 0
+        body = {"prompt": "The capital of France is", "max_length": 2}
+        assert httpx.post(server.url + "/generate", json=body, timeout=60).status_code == 401
+        answer = httpx.post(server.url + "/generate", json=body, headers={"Authorization": f"Bearer {key}"},
+                            timeout=60)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] >= 1, answer.text
     finally:
         stop_server(server)
 
