@@ -206,6 +206,37 @@ def check_closed(overlay: Docs, settings: dict[str, str], readme: str, env_dir: 
     assert not UNAUTHENTICATED.search("\n".join(runs)), "the runtime environment opts out of authentication"
 
 
+def check_network_policy(overlay: Docs) -> set[str]:
+    """A NetworkPolicy selects the server's pods for ingress, and each of its rules admits only the server's port
+    from namespaces named one by one (kubernetes.io/metadata.name): no rule without `from`, which would admit any
+    source, no empty namespaceSelector (every namespace), no ipBlock. Returns the names admitted."""
+    labels = one(overlay, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    ports = {p["containerPort"] for p in container(overlay)["ports"]} | {p["name"] for p in container(overlay)["ports"]}
+    selecting = [d for d in overlay if d["kind"] == "NetworkPolicy"
+                 and d["spec"]["podSelector"].get("matchLabels", {}).items() <= labels.items()
+                 and not d["spec"]["podSelector"].get("matchExpressions")]
+    assert selecting, "no NetworkPolicy selects the server's pods"
+    admitted: set[str] = set()
+    for policy in selecting:
+        assert "Ingress" in policy["spec"].get("policyTypes", ["Ingress"])
+        for rule in policy["spec"].get("ingress", []):
+            assert rule.get("from"), f"an ingress rule without `from` admits every source: {rule}"
+            assert {p.get("port") for p in rule.get("ports", [])} <= ports and rule.get("ports"), rule
+            for peer in rule["from"]:
+                assert set(peer) <= {"namespaceSelector", "podSelector"}, f"not a namespace peer: {peer}"
+                selector = peer.get("namespaceSelector")
+                assert selector is not None, f"a peer without namespaceSelector admits this namespace: {peer}"
+                names = set()
+                if "kubernetes.io/metadata.name" in selector.get("matchLabels", {}):
+                    names.add(selector["matchLabels"]["kubernetes.io/metadata.name"])
+                for expression in selector.get("matchExpressions", []):
+                    if expression["key"] == "kubernetes.io/metadata.name" and expression["operator"] == "In":
+                        names |= set(expression["values"])
+                assert names, f"a namespaceSelector that names no namespace admits many: {selector}"
+                admitted |= names
+    return admitted
+
+
 def check_autoscaling(overlay: Docs, adapter_values: dict[str, Any]) -> None:
     """The HPA scales the Deployment on the adapter's slot-demand metric, and nothing else sets replicas."""
     deployment, hpa = one(overlay, "Deployment"), one(overlay, "HorizontalPodAutoscaler")
@@ -251,6 +282,7 @@ def test_overlay_is_consistent(rendered: dict[str, Docs], overlay: str) -> None:
     check_resources(docs, settings)
     check_settings_in_one_place(docs, settings)
     check_closed(docs, settings, (K8S / "README.md").read_text())
+    assert check_network_policy(docs)
     check_autoscaling(docs, yaml.safe_load(ADAPTER_VALUES.read_text()))
     check_namespaces(docs)
     assert one(docs, "Namespace")["metadata"]["name"] == f"llama-{overlay.rsplit('/', 1)[1]}"
@@ -422,7 +454,41 @@ MUTATIONS: dict[str, tuple[str, str, str, Callable[[Path], None]]] = {
         "k8s/base/deployment.yaml", '"--host=0.0.0.0", ', '"--host=0.0.0.0", "--ctx-size=8192", ',
         lambda r: check_settings_in_one_place(render(r / "k8s/overlays/staging"),
                                               runtime_vars(r / "flox/llama-runtime"))),
+    # Who may connect: the base's policy alone (an overlay's patch refuses a base whose rule moved, below).
+    "ingress rule without from": (
+        "k8s/base/networkpolicy.yaml", "    - from:\n        - namespaceSelector:\n            matchExpressions:\n"
+        "              - key: kubernetes.io/metadata.name\n                operator: In\n"
+        '                values: ["gateway", "monitoring"]\n      ports:', "    - ports:",
+        lambda r: check_network_policy(render(r / "k8s/base"))),
+    "ingress from emptied": (
+        "k8s/base/networkpolicy.yaml", "    - from:\n        - namespaceSelector:\n            matchExpressions:\n"
+        "              - key: kubernetes.io/metadata.name\n                operator: In\n"
+        '                values: ["gateway", "monitoring"]\n', "    - from: []\n",
+        lambda r: check_network_policy(render(r / "k8s/base"))),
+    "a second rule open to all": (
+        "k8s/base/networkpolicy.yaml", "        - port: 8000\n          protocol: TCP\n",
+        "        - port: 8000\n          protocol: TCP\n    - ports:\n        - port: 8000\n",
+        lambda r: check_network_policy(render(r / "k8s/base"))),
+    "every namespace": (
+        "k8s/base/networkpolicy.yaml", "        - namespaceSelector:\n            matchExpressions:\n"
+        "              - key: kubernetes.io/metadata.name\n                operator: In\n"
+        '                values: ["gateway", "monitoring"]\n', "        - namespaceSelector: {}\n",
+        lambda r: check_network_policy(render(r / "k8s/base"))),
+    "any address": (
+        "k8s/base/networkpolicy.yaml", "        - namespaceSelector:\n",
+        "        - ipBlock:\n            cidr: 0.0.0.0/0\n        - namespaceSelector:\n",
+        lambda r: check_network_policy(render(r / "k8s/base"))),
+    "policy selecting other pods": (
+        "k8s/base/networkpolicy.yaml", "      app: llama-inference", "      app: llama",
+        lambda r: check_network_policy(render(r / "k8s/base"))),
+    "the overlay's patch on a moved rule": (
+        "k8s/base/networkpolicy.yaml", "              - key: kubernetes.io/metadata.name",
+        "              - key: team", lambda r: renders(r / "k8s/overlays/staging")),
 }
+
+
+def renders(directory: Path) -> None:
+    render(directory)
 
 
 def closed(root: Path, overlay: str) -> None:
