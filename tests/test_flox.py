@@ -134,12 +134,12 @@ def service(runtime: Path, tmp_path: Path, **extra: str) -> Iterator[tuple[str, 
 
 def check_service_serves(runtime: Path, tmp_path: Path) -> None:
     """The hook finds the model package's file and the service serves it, with the manifest's settings: on
-    loopback, with no key."""
+    loopback, with no key, to `curl localhost:8000` (the Host that `kubectl port-forward` passes on too)."""
     with service(runtime, tmp_path) as (url, env):
         assert httpx.get(url + "/ready").json()["slots"] == int(env["PARALLEL"])
         answer = httpx.post(url + "/generate", json={"prompt": "The capital of France is", "max_length": 4},
-                            timeout=60).json()
-        assert answer["usage"]["completion_tokens"] >= 1
+                            headers={"Host": f"localhost:{env['PORT']}"}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] >= 1, answer.text
     log = (tmp_path / "cache/logs/llama-server.log").read_text()
     # LOG_JSON from the manifest's [vars]; the address from its HOST.
     assert f'"message": "Uvicorn running on http://127.0.0.1:{env["PORT"]}' in log, log[-2000:]
@@ -284,6 +284,9 @@ MUTATIONS: dict[str, tuple[str, str | None, str, Callable[[Path, Path], None]]] 
     "a key file in [vars], over the caller's": (
         RUNTIME_MANIFEST, 'LOG_JSON = "true"', 'LOG_JSON = "true"\nAPI_KEY_FILE = "/etc/llama-inference-keys"',
         lambda r, t: check_service_takes_the_callers_key(r / "llama-runtime", t)),
+    "loopback names refused": (
+        RUNTIME_MANIFEST, """ALLOWED_HOSTS = '["localhost", "127.0.0.1", "[::1]", """, "ALLOWED_HOSTS = '[",
+        lambda r, t: check_service_serves(r / "llama-runtime", t)),
     "MODEL_PATH check removed": (
         RUNTIME_MANIFEST, 'if [ -z "${MODEL_PATH:-}" ] || [ ! -f "$MODEL_PATH" ]; then', "if false; then",
         lambda r, t: check_service_refuses_a_missing_model(r / "llama-runtime", t)),
