@@ -8,6 +8,7 @@ file's size before anything is read, so a truncated or corrupt file fails with a
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -103,16 +104,54 @@ def _refs(path: Path) -> list[TensorRef]:
     return refs
 
 
+def _index_files(directory: Path, index: Path) -> Iterator[Path]:
+    """The shard files an index names, each checked to lie inside the checkpoint: the names come from whoever
+    published the checkpoint, and a path out of it would read (and convert) any file the user can read."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise PipelineError(f"{index.name}: not a safetensors index (no readable weight_map): {exc}") from exc
+    if not isinstance(weight_map, dict):
+        raise PipelineError(f"{index.name}: weight_map is not an object")
+    for tensor, name in weight_map.items():
+        entry = f"{index.name}: weight_map entry {tensor!r}: {name!r}"
+        if not isinstance(name, str) or not name or "\0" in name:
+            raise PipelineError(f"{entry} is not a file name")
+        if Path(name).is_absolute():
+            raise PipelineError(f"{entry} is an absolute path; shards must lie in the checkpoint directory")
+        path = directory / name
+        _check_inside(directory, path, entry)
+        yield path
+
+
+def _check_inside(directory: Path, path: Path, entry: str) -> None:
+    """Refuse ``path`` unless it (and whatever its links lead to) stays inside ``directory``. A checkpoint in
+    huggingface_hub's cache (``.../snapshots/<commit>/``) is made of links into that cache's blobs, which are
+    allowed."""
+    root = directory.resolve()
+    target = path.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        allowed.append(root.parent.parent.parent)  # the Hub cache holding models--owner--name/
+    if not any(target.is_relative_to(a) for a in allowed):
+        spelled = Path(os.path.normpath(root / path.relative_to(directory)))
+        how = "points" if not spelled.is_relative_to(root) else f"is a link to {target},"
+        raise PipelineError(f"{entry} {how} outside the checkpoint directory {root}")
+    if target.exists() and not target.is_file():
+        raise PipelineError(f"{entry} is not a regular file")
+
+
 class Checkpoint:
     """The tensors of a Hugging Face checkpoint: ``model.safetensors`` or the shards its index names."""
 
     def __init__(self, directory: Path) -> None:
         index = directory / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted({directory / f for f in weight_map.values()})
+            files = sorted(set(_index_files(directory, index)))
         else:
             files = sorted(directory.glob("*.safetensors"))
+            for f in files:
+                _check_inside(directory, f, f.name)
         if not files:
             raise PipelineError(f"no .safetensors files in {directory} (pytorch .bin checkpoints are not read)")
         missing = [f.name for f in files if not f.exists()]

@@ -233,6 +233,22 @@ def _break(case: str, src: Path, dst: Path) -> Path:
         (dst / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 96}))
     elif case == "missing tokenizer":
         (dst / "tokenizer.model").unlink()
+    elif case.startswith(("index", "shard")):
+        # The weights themselves moved out of the checkpoint, to where a hostile index or link sends the converter.
+        from convert.safetensors_io import Checkpoint
+
+        secret = dst.parent / "secret.safetensors"
+        names = list(Checkpoint(src).tensors)
+        (dst / "model.safetensors").rename(secret)
+        shard = {"index entry leading out": "../secret.safetensors", "index entry absolute": str(secret),
+                 "index entry through a linked directory": "shards/secret.safetensors"}.get(case)
+        if case == "index entry through a linked directory":
+            (dst / "shards").symlink_to(dst.parent, target_is_directory=True)
+        if shard is not None:
+            (dst / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {}, "weight_map": dict.fromkeys(names, shard)}))
+        else:
+            (dst / "model.safetensors").symlink_to(secret)
     return dst
 
 
@@ -245,6 +261,10 @@ def _break(case: str, src: Path, dst: Path) -> Path:
         ("corrupt safetensors", "corrupt safetensors header"),
         ("wrong shape", "expected [96, 64]"),
         ("missing tokenizer", "no tokenizer"),
+        ("index entry leading out", "'../secret.safetensors' points outside the checkpoint directory"),
+        ("index entry absolute", "is an absolute path"),
+        ("index entry through a linked directory", "'shards/secret.safetensors' is a link to"),
+        ("shard linked outside", "model.safetensors is a link to"),
     ],
 )
 def test_bad_checkpoints_fail_with_one_line_and_no_output(tiny_spm: Path, tmp_path: Path, case: str,
@@ -265,3 +285,31 @@ def test_output_in_a_missing_directory_is_refused(tiny_spm: Path, tmp_path: Path
     proc = run_cli("quantize", str(tmp_path / "missing.gguf"), str(tmp_path / "q.gguf"))
     assert proc.returncode == 1 and "model file not found" in proc.stderr
     assert not (tmp_path / "q.gguf").exists()
+
+
+def test_a_checkpoint_in_the_hub_cache_reads_its_links_into_the_blobs(tmp_path: Path) -> None:
+    """huggingface_hub's snapshot folders are links to ../../blobs/: outside the folder, and allowed; an index
+    entry that leads out of the cache is not."""
+    from convert.errors import PipelineError
+    from convert.safetensors_io import Checkpoint, write_safetensors
+
+    repo = tmp_path / "hub" / "models--org--m"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / ("c" * 40)
+    snapshot.mkdir(parents=True)
+    weights = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, dtype=np.float32)}
+    for name, shard in (("a", "model-00001-of-00002.safetensors"), ("b", "model-00002-of-00002.safetensors")):
+        write_safetensors(repo / "blobs" / name, {name: weights[name]})
+        (snapshot / shard).symlink_to(Path("../../blobs") / name)
+    index = snapshot / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors",
+                                                "b": "model-00002-of-00002.safetensors"}}))
+    checkpoint = Checkpoint(snapshot)
+    assert {t.name: t.load().tolist() for t in checkpoint} == {k: v.tolist() for k, v in weights.items()}
+    write_safetensors(tmp_path / "outside.safetensors", {"a": weights["a"]})
+    index.write_text(json.dumps({"weight_map": {"a": "../../../../outside.safetensors"}}))
+    with pytest.raises(PipelineError, match=r"weight_map entry 'a': '../../../../outside.safetensors' points outside"):
+        Checkpoint(snapshot)
+    index.write_text(json.dumps({"weight_map": ["model-00001-of-00002.safetensors"]}))
+    with pytest.raises(PipelineError, match="weight_map is not an object"):
+        Checkpoint(snapshot)
