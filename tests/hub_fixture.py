@@ -16,9 +16,14 @@ from urllib.parse import unquote, urlparse
 
 @dataclass
 class Repo:
-    files: dict[str, bytes]
+    files: dict[str, bytes]  # at the branch's commit
     revisions: dict[str, str]  # branch or tag -> commit sha
     token: str | None = None  # set: gated, only this token may read it
+    commits: dict[str, dict[str, bytes]] = field(default_factory=dict)  # other commits' sha -> their files
+    etags: dict[str, str] = field(default_factory=dict)  # file -> the ETag header sent for it (a hostile Hub)
+
+    def files_at(self, sha: str) -> dict[str, bytes]:
+        return self.commits.get(sha, self.files)
 
 
 @dataclass
@@ -31,6 +36,16 @@ class Hub:
         files = {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
         sha = hashlib.sha1(b"".join(files.values())).hexdigest()
         self.repos[repo_id] = Repo(files=files, revisions={branch: sha, sha: sha}, token=token)
+        return sha
+
+    def add_commit(self, repo_id: str, directory: Path, *names: str) -> str:
+        """Another commit of ``repo_id`` (an older one, say) with the files of ``directory``, also reachable by
+        ``names`` (tags or branches); the repository's branch keeps its own files."""
+        files = {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+        sha = hashlib.sha1(b"commit " + b"".join(files.values())).hexdigest()
+        repo = self.repos[repo_id]
+        repo.commits[sha] = files
+        repo.revisions.update({name: sha for name in (*names, sha)})
         return sha
 
 
@@ -94,13 +109,14 @@ class _Handler(BaseHTTPRequestHandler):
             if sha is None:
                 self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
                 return
+            files = repo.files_at(sha)
             if rest[:1] == ["tree"]:
                 self._json([{"type": "file", "path": n, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
-                            for n, b in repo.files.items()])
+                            for n, b in files.items()])
                 return
             self._json({"id": repo_id, "modelId": repo_id, "sha": sha, "private": False,
                         "gated": "manual" if repo.token else False,
-                        "siblings": [{"rfilename": n, "size": len(b)} for n, b in repo.files.items()]})
+                        "siblings": [{"rfilename": n, "size": len(b)} for n, b in files.items()]})
             return
         repo_id, rest = _split_repo(parts)
         if len(rest) < 3 or rest[0] != "resolve":
@@ -114,16 +130,19 @@ class _Handler(BaseHTTPRequestHandler):
         if sha is None:
             self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
             return
-        if filename not in repo.files:
+        if filename not in repo.files_at(sha):
             self._error(404, "EntryNotFound", f"{filename} does not exist at {revision}")
             return
-        body = repo.files[filename]
+        self._send_file(repo, sha, filename)
+
+    def _send_file(self, repo: Repo, sha: str, filename: str) -> None:
+        body = repo.files_at(sha)[filename]
         start = 0
         if (rng := self.headers.get("Range")) and rng.startswith("bytes="):
             start = int(rng[6:].split("-")[0] or 0)
         self.send_response(206 if start else 200)
         self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
+        self.send_header("ETag", repo.etags.get(filename, f'"{hashlib.sha256(body).hexdigest()}"'))
         self.send_header("X-Repo-Commit", sha)
         self.send_header("Content-Length", str(len(body) - start))
         if start:
@@ -134,8 +153,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def serve_hub(hub: Hub) -> Iterator[Hub]:
-    handler = type("Handler", (_Handler,), {"hub": hub})
+def serve_hub(hub: Hub, handler_class: type[_Handler] = _Handler) -> Iterator[Hub]:
+    handler = type("Handler", (handler_class,), {"hub": hub})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     hub.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
