@@ -1,11 +1,16 @@
-"""A Hub file into huggingface_hub's cache, resumable across processes.
+"""A Hub file into huggingface_hub's cache, resumable across processes, checked on the way in and on each use.
 
 huggingface_hub (2.x) downloads each file into a temporary file named for its process and deletes it when the
 download fails, so a pull that is killed, or a pod restarted, starts a 4 GB file over. Here the blob is
 downloaded into a partial file with a stable name beside the cache's blobs, continued with a Range request by the
 next try (in this process after a dropped connection, or in the next one after a kill), checked against its
-size and, for LFS files, its SHA-256, and moved into place whole. ``hf_hub_download`` then finds the blob in its
-cache and only links it into the snapshot, so the cache's layout stays huggingface_hub's own.
+size and, for LFS files, its SHA-256 (hashed as the bytes arrive), moved into place whole and linked into the
+snapshot as huggingface_hub links it, so the cache's layout stays huggingface_hub's own (``snapshot_download``
+and ``hf cache`` read it).
+
+What the Hub answers becomes paths in the cache, so it is checked first: the ETag names the blob and must be a
+git SHA-1 or an LFS SHA-256 (huggingface_hub itself joins it to the path unchecked: ``../../x`` would write
+outside the cache), the commit names the snapshot, the file name stays inside it.
 """
 
 from __future__ import annotations
@@ -20,10 +25,15 @@ from urllib.parse import urlparse
 
 import httpx
 
+from convert.errors import PipelineError
+
 ATTEMPTS = 5  # connections that may break in one download before it gives up (each resumes the last)
 RETRY_STATUSES = {403, 408, 429, 500, 502, 503, 504}  # 403: a signed address that expired
 CHUNK = 2**20
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHA256 = re.compile(r"[0-9a-f]{64}")  # an LFS file's ETag: its SHA-256
+_SHA1 = re.compile(r"[0-9a-f]{40}")  # a git file's ETag (its blob id), and every commit id
+# A branch, tag or commit as a path under refs/: names of git's characters, no '.' or '..' component.
+_REVISION = re.compile(r"(?!.*(?:^|/)\.\.?(?:/|$))[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*")
 
 
 PARTIAL_SUFFIX = ".llama-inference-partial"  # a blob's bytes so far, beside the cache's blobs
@@ -33,34 +43,104 @@ def partial_path(blob: Path) -> Path:
     return blob.with_name(blob.name + PARTIAL_SUFFIX)
 
 
-def fetch_blob(repo_id: str, filename: str, *, revision: str | None, token: str | None) -> None:
-    """Make sure the cache holds the blob of ``filename`` at ``revision``, resuming a partial download. Where the
-    Hub cannot describe the file (no network, an error), nothing is done: ``hf_hub_download`` then answers from
-    its cache or with the Hub's error."""
+def _shown(value: str, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def blob_name(etag: str | None) -> str:
+    """The Hub's ETag for a file as the name of its blob, once it is known to be a plain name: a git SHA-1
+    (40 hex digits) or an LFS file's SHA-256 (64); huggingface_hub has taken off the quotes and a weak ``W/``.
+    Anything else (a path, a NUL, 5000 characters) is refused before a file is made."""
+    if etag is None:
+        raise PipelineError("the Hub's answer has no ETag, so the file cannot be cached")
+    if _SHA256.fullmatch(etag) is None and _SHA1.fullmatch(etag) is None:
+        raise PipelineError(f"the Hub's ETag {_shown(etag)} is neither a SHA-1 nor a SHA-256; "
+                            "refusing it as a file name in the cache")
+    return etag
+
+
+def check_revision(revision: str) -> str:
+    """``revision`` if it can name a file under the cache's ``refs/`` (a branch, tag or commit), else refused."""
+    if _REVISION.fullmatch(revision) is None:
+        raise PipelineError(f"not a branch, tag or commit name: {_shown(revision)}")
+    return revision
+
+
+def download(repo_id: str, filename: str, *, revision: str | None, token: str | None) -> Path:
+    """The local path of ``filename`` at ``revision`` (huggingface_hub's snapshot link), downloading the blob
+    (resuming a partial download) unless the cache holds it. Where the Hub cannot describe the file (no
+    network, an error), a copy the cache holds for ``revision`` is used; else the Hub's error is raised."""
     from filelock import FileLock
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
     from huggingface_hub.file_download import repo_folder_name
 
+    revision = check_revision(revision or constants.DEFAULT_REVISION)
     url = hf_hub_url(repo_id, filename, revision=revision)
     try:
         meta = get_hf_file_metadata(url, token=token or False)
-    except Exception:  # noqa: BLE001 - hf_hub_download below reports it, or finds the file cached
-        return
-    if meta.etag is None or meta.size is None or meta.location is None:
-        return
-    folder = repo_folder_name(repo_id=repo_id, repo_type="model")
-    blob = Path(constants.HF_HUB_CACHE) / folder / "blobs" / meta.etag
-    if blob.exists():
-        return
+    except Exception:
+        cached = _cached(repo_id, filename, revision, token)
+        if cached is None:
+            raise
+        return cached
+    name = blob_name(meta.etag)
+    commit = meta.commit_hash
+    if commit is None or _SHA1.fullmatch(commit) is None:
+        raise PipelineError(f"the Hub's answer names no commit (X-Repo-Commit {_shown(str(commit))})")
+    if meta.size is None or meta.location is None:
+        raise PipelineError("the Hub's answer does not say how large the file is, or where")
+    storage = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    blob = storage / "blobs" / name
+    pointer = _inside(storage / "snapshots" / commit, filename, "the file name")
     blob.parent.mkdir(parents=True, exist_ok=True)
     # huggingface_hub's own lock for this blob: two pulls (or a pull and another Hub tool) take turns.
-    lock = Path(constants.HF_HUB_CACHE) / ".locks" / folder / f"{meta.etag}.lock"
+    lock = Path(constants.HF_HUB_CACHE) / ".locks" / storage.name / f"{name}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(lock)):
         if not blob.exists():
             # The first try goes where the metadata just said; later ones ask again.
             _fetch(filename, lambda attempt: _location(url, token, meta.location if attempt == 0 else None),
-                   meta.size, meta.etag, blob)
+                   meta.size, name, blob)
+        _link(storage, revision, commit, pointer, blob)
+    return pointer
+
+
+def _cached(repo_id: str, filename: str, revision: str, token: str | None) -> Path | None:
+    """The cache's copy of ``filename`` at ``revision``, found without the network, if it is there."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision, token=token or False,
+                                    local_files_only=True))
+    except Exception:  # noqa: BLE001 - anything here means "not cached"
+        return None
+
+
+def _inside(root: Path, name: str, what: str) -> Path:
+    """``root / name``, refused unless it stays inside ``root`` (``name`` comes from the Hub)."""
+    path = Path(os.path.normpath(root / name))
+    if "\0" in name or not path.is_relative_to(root) or path == root:
+        raise PipelineError(f"{what}: {_shown(name)} would lie outside {root}")
+    return path
+
+
+def _link(storage: Path, revision: str, commit: str, pointer: Path, blob: Path) -> None:
+    """Link ``pointer`` (``snapshots/<commit>/<file>``) to ``blob`` and remember which commit ``revision``
+    (a branch or tag) is, as huggingface_hub does, so that its cache lookups find the file."""
+    if revision != commit:
+        ref = _inside(storage / "refs", revision, "revision")
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        if not ref.exists() or ref.read_text() != commit:
+            tmp = ref.with_name(f"{ref.name}.{os.getpid()}.tmp")
+            tmp.write_text(commit)
+            os.replace(tmp, ref)
+    target = os.path.relpath(blob, pointer.parent)
+    if pointer.is_symlink() and os.readlink(pointer) == target:
+        return
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    pointer.unlink(missing_ok=True)  # a link to another blob: the file of a commit is this one
+    os.symlink(target, pointer)
 
 
 def _location(url: str, token: str | None, known: str | None) -> tuple[str, dict[str, str]]:
@@ -75,41 +155,69 @@ def _location(url: str, token: str | None, known: str | None) -> tuple[str, dict
     return location, build_hf_headers(token=(token or False) if same_host else False)
 
 
+class _Partial:
+    """The partial file and the SHA-256 of what it holds, kept as bytes arrive so the file is not read again."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._rehash()  # bytes left by an earlier process: hashed once, then continued
+
+    def _rehash(self) -> None:
+        self.digest = hashlib.sha256()
+        self.size = 0
+        if self.path.exists():
+            with self.path.open("rb") as f:
+                while block := f.read(8 * CHUNK):
+                    self.digest.update(block)
+                    self.size += len(block)
+
+    def restart(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self._rehash()
+
+    def on_disk(self) -> int:
+        """The partial file's size; if it is not what was hashed (a write cut short), hashed again."""
+        if (self.path.stat().st_size if self.path.exists() else 0) != self.size:
+            self._rehash()
+        return self.size
+
+
 def _fetch(filename: str, locate: Callable[[int], tuple[str, dict[str, str]]], total: int, etag: str,
-           blob: Path) -> None:
+           blob: Path) -> str:
+    """Download into the partial file and move it to ``blob``; the SHA-256 of its bytes."""
     from huggingface_hub.utils import tqdm as hub_tqdm
 
-    part = partial_path(blob)
-    with hub_tqdm(total=total, unit="B", unit_scale=True, desc=filename,
-                  initial=part.stat().st_size if part.exists() else 0) as progress:
+    part = _Partial(partial_path(blob))
+    with hub_tqdm(total=total, unit="B", unit_scale=True, desc=filename, initial=part.size) as progress:
         for attempt in range(ATTEMPTS):
-            have = part.stat().st_size if part.exists() else 0
-            if have >= total:
+            if part.on_disk() >= total:
                 break
             try:
                 # Asked anew after a failure: a signed address may have expired while a connection hung.
-                _download_from(*locate(attempt), part, have, progress)
+                _download_from(*locate(attempt), part, progress)
             except (httpx.TransportError, httpx.HTTPStatusError, _WrongRange) as exc:
                 status = exc.response.status_code if isinstance(exc, httpx.HTTPStatusError) else 0
                 if attempt == ATTEMPTS - 1 or (status and status not in RETRY_STATUSES):
                     raise
                 time.sleep(min(2**attempt, 8))  # resume from what arrived, after a pause
-    size = part.stat().st_size
+    size, digest = part.on_disk(), part.digest.hexdigest()
     if size != total:
-        part.unlink()
+        part.restart()
         raise OSError(f"{filename}: {size} bytes arrived where the Hub announced {total}")
-    if _SHA256.match(etag) and _sha256(part) != etag:
-        part.unlink()
+    if _SHA256.fullmatch(etag) and digest != etag:
+        part.restart()
         raise OSError(f"{filename}: the bytes received do not match the Hub's SHA-256; downloading again helps")
-    os.chmod(part, 0o644)
-    os.replace(part, blob)
+    os.chmod(part.path, 0o644)
+    os.replace(part.path, blob)
+    return digest
 
 
 class _WrongRange(OSError):
     """A 206 whose Content-Range does not start where the partial file ends."""
 
 
-def _download_from(url: str, headers: dict[str, str], part: Path, have: int, progress) -> None:  # type: ignore[no-untyped-def]
+def _download_from(url: str, headers: dict[str, str], part: _Partial, progress) -> None:  # type: ignore[no-untyped-def]
+    have = part.size
     range_headers = {**headers, "Range": f"bytes={have}-"} if have else headers
     with httpx.stream("GET", url, headers=range_headers, follow_redirects=True, timeout=60) as response:
         if response.status_code not in (200, 206):
@@ -117,23 +225,18 @@ def _download_from(url: str, headers: dict[str, str], part: Path, have: int, pro
         if have and response.status_code == 206 and \
                 not response.headers.get("Content-Range", "").lower().startswith(f"bytes {have}-"):
             # Bytes from another offset than asked: appending them would corrupt the file; start it over.
-            part.unlink(missing_ok=True)
+            part.restart()
             progress.reset()
             raise _WrongRange(f"asked for bytes {have}-, got {response.headers.get('Content-Range')!r}")
         # 200 to a Range request: the server sends the whole file, so start it over.
-        mode = "ab" if have and response.status_code == 206 else "wb"
-        if mode == "wb" and have:
+        if have and response.status_code != 206:
+            part.restart()
             progress.reset()
-        with part.open(mode) as out:
+        with part.path.open("ab") as out:
             for chunk in response.iter_bytes(CHUNK):
                 out.write(chunk)
                 out.flush()  # what arrived is on disk if the process is killed now
+                part.digest.update(chunk)
+                part.size += len(chunk)
                 progress.update(len(chunk))
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(8 * CHUNK):
-            digest.update(block)
-    return digest.hexdigest()

@@ -2,7 +2,8 @@
 
 The file lands in huggingface_hub's own cache (``HF_HOME``, shared with every other Hub tool), so a second pull
 or a restart reuses it (without the Hub too); a dropped connection, or a pull killed midway, resumes where it
-broke (convert/hub_download.py), and a gated repository is read with ``HF_TOKEN``.
+broke (convert/hub_download.py, which also refuses an answer of the Hub that would lead out of the cache), and
+a gated repository is read with ``HF_TOKEN``.
 Which file: ``--file NAME`` names it; ``--quant Q`` picks the repository's GGUF of that quantization; with
 neither, the only GGUF of the repository, else its Q4_K_M (llama.cpp's ``-hf`` default). Anything else that
 matches more than one file, or none, is refused with the choices listed.
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from convert.errors import PipelineError
-from convert.hub_download import fetch_blob
+from convert.hub_download import check_revision, download
 
 DEFAULT_QUANT = "Q4_K_M"
 # A model reference on the command line: ``owner/name`` or ``owner/name:QUANT`` (Ollama's and llama.cpp's form).
@@ -162,12 +163,14 @@ def pull(repo_id: str, *, quant: str | None = None, filename: str | None = None,
     The token comes from ``token`` or ``HF_TOKEN``. A split model is downloaded whole; the first part's path
     is returned (llama.cpp opens the rest from it). With ``prefer_cache`` (``serve``), a file already pulled is
     used without asking the Hub, so a server restarts the same model, and without a network."""
-    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     token = token or os.environ.get("HF_TOKEN") or None
     if quant is not None and filename is not None:
         raise PipelineError("give --quant or --file, not both")
+    if revision is not None:
+        check_revision(revision)
     if prefer_cache and (hit := _from_cache(repo_id, quant, filename, revision, token)) is not None:
         return hit
     try:
@@ -183,9 +186,8 @@ def pull(repo_id: str, *, quant: str | None = None, filename: str | None = None,
     paths = []
     for part in _split_parts(chosen, files):
         try:
-            # The bytes first, resumable across processes; huggingface_hub then finds the blob and links it.
-            fetch_blob(repo_id, part, revision=revision, token=token)
-            paths.append(Path(hf_hub_download(repo_id, part, revision=revision, token=token or False)))
+            # Resumable across processes, checked, and linked into the cache's snapshot as huggingface_hub does.
+            paths.append(download(repo_id, part, revision=revision, token=token))
         except Exception as exc:  # noqa: BLE001 - every failure of the download becomes one line
             raise _hub_error(exc, repo_id, revision, token, filename=part) from exc
     return paths[0]
