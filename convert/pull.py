@@ -4,6 +4,7 @@ The file lands in huggingface_hub's own cache (``HF_HOME``, shared with every ot
 or a restart reuses it (without the Hub too); a dropped connection, or a pull killed midway, resumes where it
 broke (convert/hub_download.py, which also refuses an answer of the Hub that would lead out of the cache), and
 a gated repository is read with ``HF_TOKEN``.
+``REPO@REVISION`` (or ``--revision``) pins a commit, tag or branch.
 Which file: ``--file NAME`` names it; ``--quant Q`` picks the repository's GGUF of that quantization; with
 neither, the only GGUF of the repository, else its Q4_K_M (llama.cpp's ``-hf`` default). Anything else that
 matches more than one file, or none, is refused with the choices listed.
@@ -20,8 +21,9 @@ from convert.errors import PipelineError
 from convert.hub_download import check_revision, download
 
 DEFAULT_QUANT = "Q4_K_M"
-# A model reference on the command line: ``owner/name`` or ``owner/name:QUANT`` (Ollama's and llama.cpp's form).
-_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?::(?P<quant>[\w.-]+))?$")
+# A model reference on the command line: ``owner/name`` or ``owner/name:QUANT`` (Ollama's and llama.cpp's form),
+# with ``@REVISION`` (a commit, tag or branch) after the name.
+_REF = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@(?P<revision>[\w./-]+?))?(?::(?P<quant>[\w.-]+))?")
 # llama.cpp's quantization names inside a file name: Q4_K_M, Q8_0, IQ4_XS, F16, BF16...
 _QUANT_IN_NAME = re.compile(r"(?<![A-Za-z0-9])(I?Q\d(?:_[A-Za-z0-9]+)*|BF16|F16|F32)(?=[.-]|$)", re.IGNORECASE)
 # Split GGUFs: model-Q4_K_M-00001-of-00003.gguf; llama.cpp opens the first part and finds the others.
@@ -32,14 +34,18 @@ _SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 class ModelRef:
     repo_id: str
     quant: str | None = None
+    revision: str | None = None
 
 
 def parse_model_ref(text: str) -> ModelRef | None:
-    """``owner/name[:QUANT]`` as a :class:`ModelRef`, or None when ``text`` is not of that form."""
-    match = _REF.match(text)
+    """``owner/name[@REVISION][:QUANT]`` as a :class:`ModelRef`, or None when ``text`` is not of that form; a
+    revision that cannot name a branch, tag or commit (``@../x``) is refused with :class:`PipelineError`."""
+    match = _REF.fullmatch(text)
     if match is None:
         return None
-    return ModelRef(match["repo"], match["quant"])
+    if match["revision"] is not None:
+        check_revision(match["revision"])
+    return ModelRef(match["repo"], match["quant"], match["revision"])
 
 
 def quant_of(filename: str) -> str | None:

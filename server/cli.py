@@ -31,8 +31,10 @@ Handler = Callable[[argparse.Namespace], int]
 EXAMPLES = {
     "serve": "llama-inference serve                                   # the embedded toy model on 127.0.0.1:8000\n"
              "  llama-inference serve models/llama-2-7b.Q4_K_M.gguf --host 0.0.0.0 --ctx-size 4096 --parallel 2\n"
-             "  llama-inference serve TheBloke/Llama-2-7B-GGUF:Q4_K_M    # pulled from the Hub on first start",
+             "  llama-inference serve TheBloke/Llama-2-7B-GGUF:Q4_K_M    # pulled from the Hub on first start\n"
+             "  llama-inference serve TheBloke/Llama-2-7B-GGUF@<commit>:Q4_K_M   # that commit's file",
     "pull": "llama-inference pull TheBloke/Llama-2-7B-GGUF --quant Q4_K_M\n"
+            "  llama-inference pull TheBloke/Llama-2-7B-GGUF@<commit>:Q8_0\n"
             "  HF_TOKEN=hf_... llama-inference pull org/gated-model-GGUF --file model.Q8_0.gguf --revision <commit>",
     "fetch": "llama-inference fetch meta-llama/Llama-2-7b-hf --revision <commit> --out models/llama-2-7b-hf",
     "convert": "llama-inference convert models/llama-2-7b-hf --outtype f16 --out models/llama-2-7b.f16.gguf",
@@ -157,8 +159,8 @@ def port_problem(host: str, port: int) -> str | None:
 
 
 def resolve_model(settings: Settings) -> Settings:
-    """A model given as a Hub repository (``REPO[:QUANT]``) is pulled (or found in the Hub cache) and replaced
-    by its local path; a local path is left as it is."""
+    """A model given as a Hub repository (``REPO[@REVISION][:QUANT]``) is pulled (or found in the Hub cache) and
+    replaced by its local path; a local path is left as it is."""
     from convert.pull import parse_model_ref, pull
 
     given = settings.model_path
@@ -167,7 +169,8 @@ def resolve_model(settings: Settings) -> Settings:
     ref = parse_model_ref(str(given))
     if ref is None:
         return settings
-    return settings.model_copy(update={"model_path": pull(ref.repo_id, quant=ref.quant, prefer_cache=True)})
+    path = pull(ref.repo_id, quant=ref.quant, revision=ref.revision, prefer_cache=True)
+    return settings.model_copy(update={"model_path": path})
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -230,10 +233,13 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
     ref = parse_model_ref(args.repo_id)
     if ref is None:
-        raise PipelineError(f"not a Hugging Face repository id: {args.repo_id!r} (expected OWNER/NAME[:QUANT])")
+        raise PipelineError(f"not a Hugging Face repository id: {args.repo_id!r} "
+                            "(expected OWNER/NAME[@REVISION][:QUANT])")
     if ref.quant and args.quant:
         raise PipelineError("the quantization is given twice: as REPO:QUANT and with --quant")
-    print(pull(ref.repo_id, quant=ref.quant or args.quant, filename=args.file, revision=args.revision))
+    if ref.revision and args.revision:
+        raise PipelineError("the revision is given twice: as REPO@REVISION and with --revision")
+    print(pull(ref.repo_id, quant=ref.quant or args.quant, filename=args.file, revision=ref.revision or args.revision))
     return 0
 
 
@@ -242,14 +248,15 @@ def _add_pull(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
                        description="Download a ready GGUF from a Hugging Face repository into the Hub cache "
                        "(HF_HOME; resumable; HF_TOKEN for gated repositories) and print its path. The file is "
                        "the repository's only GGUF, else the one of --quant (Q4_K_M if not given), or --file.")
-    p.add_argument("repo_id", metavar="REPO[:QUANT]",
-                   help="e.g. TheBloke/Llama-2-7B-GGUF or TheBloke/Llama-2-7B-GGUF:Q8_0")
+    p.add_argument("repo_id", metavar="REPO[@REVISION][:QUANT]",
+                   help="e.g. TheBloke/Llama-2-7B-GGUF, TheBloke/Llama-2-7B-GGUF:Q8_0 or "
+                        "TheBloke/Llama-2-7B-GGUF@<commit>:Q8_0")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--quant", default=None, help="quantization to pick from the repository's files, e.g. Q8_0 "
                        "(default: the repository's only GGUF, else its Q4_K_M)")
     which.add_argument("--file", default=None, help="exact file name in the repository")
-    p.add_argument("--revision", default=None, help="branch, tag or commit; pin a commit for reproducibility "
-                   "(default: main)")
+    p.add_argument("--revision", default=None, help="branch, tag or commit (same as REPO@REVISION); pin a commit "
+                   "for reproducibility (default: main)")
     p.set_defaults(handler=cmd_pull)
 
 
@@ -275,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the HTTP server. Every option is also an environment variable (in brackets); a flag "
                     "wins over the environment.")
     serve.add_argument("model", nargs="?", default=argparse.SUPPRESS, metavar="MODEL",
-                       help="GGUF file or Hugging Face repository REPO[:QUANT] (same as -m/--model-path)")
+                       help="GGUF file or Hugging Face repository REPO[@REVISION][:QUANT] (same as "
+                            "-m/--model-path)")
     add_settings_flags(serve)
     serve.set_defaults(handler=cmd_serve)
     _add_pull(sub)

@@ -45,8 +45,8 @@ class Settings(BaseSettings):
     # Model
     model_path: Path | None = Field(
         default=None,
-        description="GGUF file to serve, or a Hugging Face repository REPO[:QUANT] pulled into the Hub cache on "
-        "first start. Unset: the embedded SmolLM2-135M-Instruct Q4_1 (a toy for trying the server).",
+        description="GGUF file to serve, or a Hugging Face repository REPO[@REVISION][:QUANT] pulled into the Hub "
+        "cache on first start. Unset: the embedded SmolLM2-135M-Instruct Q4_1 (a toy for trying the server).",
     )
     served_model_name: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

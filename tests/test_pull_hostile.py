@@ -98,7 +98,8 @@ def test_a_file_name_leading_out_of_the_snapshot_is_refused(hub: Hub, tmp_path: 
     assert _outside(tmp_path) == []
 
 
-@pytest.mark.parametrize("args", [["org/evil-GGUF", "--revision", "../../x"], ["org/evil-GGUF", "--revision", "a/./b"]])
+@pytest.mark.parametrize("args", [["org/evil-GGUF@../../../../x"], ["org/evil-GGUF", "--revision", "../../x"],
+                                  ["org/evil-GGUF@a/./b:Q4_K_M"]])
 def test_a_revision_leading_out_of_the_cache_is_refused_before_asking_the_hub(hub: Hub, tmp_path: Path,
                                                                               args: list[str]) -> None:
     """A revision names a file under the cache's refs/ (huggingface_hub writes it there unchecked)."""
