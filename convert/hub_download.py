@@ -10,12 +10,16 @@ and ``hf cache`` read it).
 
 What the Hub answers becomes paths in the cache, so it is checked first: the ETag names the blob and must be a
 git SHA-1 or an LFS SHA-256 (huggingface_hub itself joins it to the path unchecked: ``../../x`` would write
-outside the cache), the commit names the snapshot, the file name stays inside it.
+outside the cache), the commit names the snapshot, the file name stays inside it. Beside each blob a record
+keeps its SHA-256 and the size and times it had when last hashed; :func:`check_blob` re-hashes the blob only when
+those changed, and refuses a blob that no longer matches.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import re
 import time
@@ -27,6 +31,8 @@ import httpx
 
 from convert.errors import PipelineError
 
+log = logging.getLogger("llama_inference.pull")
+
 ATTEMPTS = 5  # connections that may break in one download before it gives up (each resumes the last)
 RETRY_STATUSES = {403, 408, 429, 500, 502, 503, 504}  # 403: a signed address that expired
 CHUNK = 2**20
@@ -37,10 +43,15 @@ _REVISION = re.compile(r"(?!.*(?:^|/)\.\.?(?:/|$))[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_
 
 
 PARTIAL_SUFFIX = ".llama-inference-partial"  # a blob's bytes so far, beside the cache's blobs
+RECORD_SUFFIX = ".llama-inference.json"  # a blob's SHA-256 and the state it was hashed in, beside it
 
 
 def partial_path(blob: Path) -> Path:
     return blob.with_name(blob.name + PARTIAL_SUFFIX)
+
+
+def record_path(blob: Path) -> Path:
+    return blob.with_name(blob.name + RECORD_SUFFIX)
 
 
 def _shown(value: str, limit: int = 80) -> str:
@@ -69,7 +80,7 @@ def check_revision(revision: str) -> str:
 
 def download(repo_id: str, filename: str, *, revision: str | None, token: str | None) -> Path:
     """The local path of ``filename`` at ``revision`` (huggingface_hub's snapshot link), downloading the blob
-    (resuming a partial download) unless the cache holds it. Where the Hub cannot describe the file (no
+    (resuming a partial download) unless the cache holds it intact. Where the Hub cannot describe the file (no
     network, an error), a copy the cache holds for ``revision`` is used; else the Hub's error is raised."""
     from filelock import FileLock
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
@@ -83,6 +94,8 @@ def download(repo_id: str, filename: str, *, revision: str | None, token: str | 
         cached = _cached(repo_id, filename, revision, token)
         if cached is None:
             raise
+        if (problem := check_blob(blob_of(cached))) is not None:
+            raise PipelineError(f"the Hub cannot describe it now and the cached copy {problem}") from None
         return cached
     name = blob_name(meta.etag)
     commit = meta.commit_hash
@@ -98,10 +111,14 @@ def download(repo_id: str, filename: str, *, revision: str | None, token: str | 
     lock = Path(constants.HF_HUB_CACHE) / ".locks" / storage.name / f"{name}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(lock)):
+        if blob.exists() and (problem := check_blob(blob, size=meta.size)) is not None:
+            log.warning("%s: the cached blob %s %s; downloading it again", filename, blob, problem)
+            blob.unlink()
         if not blob.exists():
             # The first try goes where the metadata just said; later ones ask again.
-            _fetch(filename, lambda attempt: _location(url, token, meta.location if attempt == 0 else None),
-                   meta.size, name, blob)
+            digest = _fetch(filename, lambda attempt: _location(url, token, meta.location if attempt == 0 else None),
+                            meta.size, name, blob)
+            _write_record(blob, digest)
         _link(storage, revision, commit, pointer, blob)
     return pointer
 
@@ -141,6 +158,70 @@ def _link(storage: Path, revision: str, commit: str, pointer: Path, blob: Path) 
     pointer.parent.mkdir(parents=True, exist_ok=True)
     pointer.unlink(missing_ok=True)  # a link to another blob: the file of a commit is this one
     os.symlink(target, pointer)
+
+
+def blob_of(path: Path) -> Path:
+    """The blob a snapshot file links to (the cache's layout), or ``path`` itself when it is not a link."""
+    return Path(os.path.normpath(path.parent / os.readlink(path))) if path.is_symlink() else path
+
+
+def check_blob(blob: Path, *, size: int | None = None) -> str | None:
+    """None if ``blob`` holds the bytes it was pulled with, else what is wrong with it (a phrase).
+
+    The SHA-256 to match is the blob's name for an LFS file (the Hub's own), else the one recorded beside it at
+    download (or at its first check: a git file's name is a SHA-1 of another form). Hashing 4 GB takes seconds,
+    so the record also keeps the blob's size, modification and change times when it was hashed, and while they
+    are unchanged it is not hashed again; any write to the file changes its change time (which ``touch`` cannot
+    set back), so the next check hashes it."""
+    try:
+        stat = blob.stat()
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    record = _read_record(blob)
+    named = blob.name if _SHA256.fullmatch(blob.name) else None
+    if record is not None and named is not None and record["sha256"] != named:
+        record = None  # not this blob's record
+    expected = named or (record["sha256"] if record else None)
+    wanted_size = size if size is not None else (record["size"] if record else None)
+    if wanted_size is not None and stat.st_size != wanted_size:
+        return f"is {stat.st_size} bytes where {wanted_size} were pulled (truncated or changed)"
+    if record is not None and record["state"] == _state(stat):
+        return None
+    if expected is not None:
+        log.info("checking the SHA-256 of %s (%.1f GB, changed since its last check)", blob, stat.st_size / 1e9)
+    digest = _sha256(blob)
+    if expected is not None and digest != expected:
+        return f"does not match the SHA-256 it was pulled with ({digest[:12]}... where {expected[:12]}... was)"
+    _write_record(blob, digest)
+    return None
+
+
+def _state(stat: os.stat_result) -> list[int]:
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+
+
+def _read_record(blob: Path) -> dict | None:  # type: ignore[type-arg]
+    try:
+        record = json.loads(record_path(blob).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str) or \
+            _SHA256.fullmatch(record["sha256"]) is None or not isinstance(record.get("size"), int) or \
+            not isinstance(record.get("state"), list):
+        return None
+    return record
+
+
+def _write_record(blob: Path, digest: str) -> None:
+    stat = blob.stat()
+    record = record_path(blob)
+    tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps({"sha256": digest, "size": stat.st_size, "state": _state(stat)}))
+        os.replace(tmp, record)
+    except OSError as exc:  # a read-only cache: the blob is hashed at every start instead
+        log.warning("cannot record the SHA-256 of %s (%s); it is hashed again at each start", blob, exc.strerror)
+        tmp.unlink(missing_ok=True)
 
 
 def _location(url: str, token: str | None, known: str | None) -> tuple[str, dict[str, str]]:
@@ -240,3 +321,10 @@ def _download_from(url: str, headers: dict[str, str], part: _Partial, progress) 
                 part.size += len(chunk)
                 progress.update(len(chunk))
 
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(8 * CHUNK):
+            digest.update(block)
+    return digest.hexdigest()

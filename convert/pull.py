@@ -4,7 +4,8 @@ The file lands in huggingface_hub's own cache (``HF_HOME``, shared with every ot
 or a restart reuses it (without the Hub too); a dropped connection, or a pull killed midway, resumes where it
 broke (convert/hub_download.py, which also refuses an answer of the Hub that would lead out of the cache), and
 a gated repository is read with ``HF_TOKEN``.
-``REPO@REVISION`` (or ``--revision``) pins a commit, tag or branch.
+``REPO@REVISION`` (or ``--revision``) pins a commit, tag or branch. Every file returned has been checked against
+the SHA-256 it was pulled with (convert/hub_download.py), so a blob changed or truncated in the cache is refused.
 Which file: ``--file NAME`` names it; ``--quant Q`` picks the repository's GGUF of that quantization; with
 neither, the only GGUF of the repository, else its Q4_K_M (llama.cpp's ``-hf`` default). Anything else that
 matches more than one file, or none, is refused with the choices listed.
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from convert.errors import PipelineError
-from convert.hub_download import check_revision, download
+from convert.hub_download import blob_of, check_blob, check_revision, download
 
 DEFAULT_QUANT = "Q4_K_M"
 # A model reference on the command line: ``owner/name`` or ``owner/name:QUANT`` (Ollama's and llama.cpp's form),
@@ -148,9 +149,17 @@ def _cached_files(repo_id: str, revision: str | None, token: str | None) -> tupl
     return (folder, files) if files else None
 
 
+def _pull_again(repo_id: str, revision: str | None, quant: str | None, filename: str | None) -> str:
+    """The command that downloads the file again."""
+    ref = repo_id + (f"@{revision}" if revision else "")
+    return f"llama-inference pull {ref}" + (f" --quant {quant}" if quant else "") + (f" --file {filename}" if filename
+                                                                                       else "")
+
+
 def _from_cache(repo_id: str, quant: str | None, filename: str | None, revision: str | None,
                 token: str | None) -> Path | None:
-    """The chosen file if the cache holds it (and every part of a split model), else None."""
+    """The chosen file if the cache holds it (and every part of a split model), else None. A file there that
+    no longer holds the bytes it was pulled with is refused (:class:`PipelineError`)."""
     cached = _cached_files(repo_id, revision, token)
     if cached is None:
         return None
@@ -159,6 +168,13 @@ def _from_cache(repo_id: str, quant: str | None, filename: str | None, revision:
         chosen = choose_file(repo_id, files, quant=quant, filename=filename)
     except PipelineError:
         return None
+    parts = _split_parts(chosen, files)
+    if (split := _SPLIT.search(chosen)) is not None and len(parts) != int(split[2]):
+        return None
+    for part in parts:
+        if (problem := check_blob(blob_of(folder / part))) is not None:
+            raise PipelineError(f"{repo_id}: the cached {part} {problem}; "
+                                f"`{_pull_again(repo_id, revision, quant, filename)}` downloads it again")
     return folder / chosen
 
 
@@ -168,7 +184,8 @@ def pull(repo_id: str, *, quant: str | None = None, filename: str | None = None,
 
     The token comes from ``token`` or ``HF_TOKEN``. A split model is downloaded whole; the first part's path
     is returned (llama.cpp opens the rest from it). With ``prefer_cache`` (``serve``), a file already pulled is
-    used without asking the Hub, so a server restarts the same model, and without a network."""
+    used without asking the Hub, so a server restarts the same model, and without a network; it is checked
+    against the SHA-256 it was pulled with first (hashed again only when its size or times changed)."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 

@@ -159,8 +159,9 @@ def port_problem(host: str, port: int) -> str | None:
 
 
 def resolve_model(settings: Settings) -> Settings:
-    """A model given as a Hub repository (``REPO[@REVISION][:QUANT]``) is pulled (or found in the Hub cache) and
-    replaced by its local path; a local path is left as it is."""
+    """A model given as a Hub repository (``REPO[@REVISION][:QUANT]``) is pulled (or found in the Hub cache and
+    checked against the SHA-256 it was pulled with) and replaced by its local path; a local path is left as it
+    is."""
     from convert.pull import parse_model_ref, pull
 
     given = settings.model_path

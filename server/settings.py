@@ -46,7 +46,8 @@ class Settings(BaseSettings):
     model_path: Path | None = Field(
         default=None,
         description="GGUF file to serve, or a Hugging Face repository REPO[@REVISION][:QUANT] pulled into the Hub "
-        "cache on first start. Unset: the embedded SmolLM2-135M-Instruct Q4_1 (a toy for trying the server).",
+        "cache on first start and checked against its SHA-256 at each start. Unset: the embedded "
+        "SmolLM2-135M-Instruct Q4_1 (a toy for trying the server).",
     )
     served_model_name: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
