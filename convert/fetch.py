@@ -58,4 +58,11 @@ def fetch(repo_id: str, out: Path, *, revision: str = "main", token: str | None 
         if status == 401:
             raise PipelineError(f"{repo_id}: the Hub refused the token (401): check HF_TOKEN") from exc
         raise PipelineError(f"{repo_id}: the Hub answered {status}: {exc}") from exc
+    except OSError as exc:  # a file that could not be written: a full disk, or a Hub answer that names no file
+        raise PipelineError(f"{repo_id}: the download failed: {_first_line(exc)}") from exc
     return Path(path)
+
+
+def _first_line(exc: Exception, limit: int = 300) -> str:
+    text = (str(exc).splitlines() or [type(exc).__name__])[0]
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -85,3 +85,16 @@ def test_fetch_sends_the_token_to_a_gated_repository(hub: Hub, tmp_path: Path) -
     assert proc.returncode == 0, proc.stderr
     assert (out / "config.json").exists()
     assert {auth for _, _, auth in hub.requests} == {"Bearer hf_granted"}
+
+
+def test_a_hostile_etag_fails_in_one_line_and_writes_nothing_outside(hub: Hub, tmp_path: Path) -> None:
+    """huggingface_hub names its partial file ``<hash>.<etag>.incomplete`` in the output's .cache: an ETag with
+    ``../`` in it cannot lead out (the ``<hash>.x`` folder before it does not exist) but must not end in a
+    traceback."""
+    hub.repos["org/open"].etags["config.json"] = '"x/../../../../../../escaped"'
+    out = tmp_path / "model"
+    proc = fetch(hub, tmp_path, "org/open", "--out", str(out))
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "%|" not in line]
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("llama-inference: error: org/open: the download failed: ")
+    assert not list(tmp_path.rglob("escaped*")) and not (out / "config.json").exists()
