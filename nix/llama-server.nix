@@ -42,6 +42,10 @@ let
       hash = "sha256-gy2waZAH8b6Vp+Qe8S6IkmsCuoNkYeNqNjctsnYMGi4=";
     };
 
+    # The same patches scripts/build-llama-cpp-wheel.sh applies (each says why): a bound on a grammar's parse
+    # stacks and a linear left-recursion check, so no request's grammar can hold a thread for ever.
+    patches = [ ../scripts/patches/llama-grammar-bounds.patch ];
+
     build-system = [ python3Packages.scikit-build-core ];
     nativeBuildInputs = [ cmake ninja ];
     # scikit-build-core runs CMake itself, with CMAKE_ARGS.

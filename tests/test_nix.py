@@ -69,6 +69,9 @@ def test_llama_cpp_python_is_our_pin_built_portably() -> None:
     assert isinstance(llama, dict) and llama["version"] == pinned and s["dependsOnOurLlama"]
     assert llama["src"] == {"pname": "llama_cpp_python", "version": pinned,
                             "hash": "sha256-gy2waZAH8b6Vp+Qe8S6IkmsCuoNkYeNqNjctsnYMGi4="}
+    # The same patches the wheel build applies (scripts/build-llama-cpp-wheel.sh), every one of them.
+    assert sorted(llama["patches"]) == sorted(p.name for p in (REPO / "scripts/patches").glob("*.patch"))
+    assert llama["patches"]
     flags = llama["cmakeArgs"].split()
     assert "-DGGML_NATIVE=OFF" in flags and "-DGGML_BACKEND_DL=OFF" in flags
     assert not any("CPU_ALL_VARIANTS" in f or "march=native" in f for f in flags)

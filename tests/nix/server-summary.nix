@@ -18,6 +18,7 @@ in
   llama = {
     inherit (llama) version pname;
     cmakeArgs = llama.env.CMAKE_ARGS;
+    patches = map (p: baseNameOf (toString p)) (llama.patches or [ ]);
     src = { inherit (llama.src) pname version hash; };
   };
 }
