@@ -20,7 +20,6 @@ the answer exactly one such object.
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from typing import Any
 
@@ -32,8 +31,7 @@ SYSTEM_PROMPT = (
     'To call a function, answer with only a JSON object of the form {{"name": <function name>, "arguments": '
     "<an object of its arguments>}}, and nothing else. Otherwise answer normally."
 )
-_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
-_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
+OPEN_TAG, CLOSE_TAG, FENCE = "<tool_call>", "</tool_call>", "```"
 
 
 def new_call_id() -> str:
@@ -127,13 +125,30 @@ def call_grammar(tools: list[Tool]) -> str:
     return schema_to_grammar(schema)
 
 
+def _blocks(text: str) -> list[str]:
+    """The texts of the ``<tool_call>...</tool_call>`` blocks, each stripped. A scan with ``str.find``, linear in
+    the text: a backtracking regex here took seconds on an open tag followed by blanks, with the GIL held."""
+    blocks: list[str] = []
+    pos = 0
+    while (start := text.find(OPEN_TAG, pos)) >= 0:
+        end = text.find(CLOSE_TAG, start + len(OPEN_TAG))
+        if end < 0:
+            break
+        blocks.append(text[start + len(OPEN_TAG):end].strip())
+        pos = end + len(CLOSE_TAG)
+    return blocks
+
+
+def _unfenced(text: str) -> str:
+    """``text`` without a Markdown code fence around it (```` ```json ... ``` ````), when it has one."""
+    if len(text) < 2 * len(FENCE) or not (text.startswith(FENCE) and text.endswith(FENCE)):
+        return text
+    inner = text[len(FENCE):-len(FENCE)]
+    return inner.removeprefix("json").strip()
+
+
 def _candidates(text: str) -> list[str]:
-    blocks = _BLOCK.findall(text)
-    if blocks:
-        return blocks
-    stripped = text.strip()
-    fenced = _FENCE.match(stripped)
-    return [fenced.group(1) if fenced else stripped]
+    return _blocks(text) or [_unfenced(text.strip())]
 
 
 def parse_calls(text: str, tools: list[Tool]) -> list[ToolCall] | None:
@@ -162,8 +177,8 @@ def looks_like_call(text: str) -> bool | None:
     """Whether an answer that begins with ``text`` may be a call, so a stream holds it back until the end;
     None while it cannot tell yet (nothing but blanks, or part of ``<tool_call>``)."""
     head = text.lstrip()
-    if head.startswith(("{", "[", "```", "<tool_call>")):
+    if head.startswith(("{", "[", FENCE, OPEN_TAG)):
         return True
-    if not head or "<tool_call>".startswith(head):
+    if not head or OPEN_TAG.startswith(head):
         return None
     return False
