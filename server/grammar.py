@@ -49,6 +49,16 @@ ws     ::= | " " | "\n" [ \t]{0,20}
 # nested groups (``maxLength: N`` nests N deep).
 MAX_GROUP_DEPTH = 2000
 MAX_COUNT = 1000
+# What a schema may ask of the converter, so that converting it is bounded (it runs in Python, holding the GIL):
+# how deep it nests, how many alternatives one keyword lists, and how large a ``pattern`` may grow once its
+# quantifiers are written out (the converter spells ``a{1000}`` as a thousand ``a``, and nested quantifiers
+# multiply). Past these a schema is refused by name, in well under a millisecond.
+MAX_SCHEMA_DEPTH = 64
+MAX_ALTERNATIVES = 256
+MAX_PATTERN_CHARS = 4096
+MAX_PATTERN_ELEMENTS = 10_000
+# The largest grammar llama.cpp is handed, raw (``/generate``'s ``grammar``) or converted from a schema.
+MAX_GRAMMAR_BYTES = 256 * 2**10
 
 
 class GrammarError(ValueError):
@@ -56,8 +66,10 @@ class GrammarError(ValueError):
 
 
 def check_depth(grammar: str) -> None:
-    """Refuse a grammar whose groups nest deeper than :data:`MAX_GROUP_DEPTH` (literals, character classes and
-    comments skipped)."""
+    """Refuse a grammar larger than :data:`MAX_GRAMMAR_BYTES`, or whose groups nest deeper than
+    :data:`MAX_GROUP_DEPTH` (literals, character classes and comments skipped)."""
+    if len(grammar) > MAX_GRAMMAR_BYTES:
+        raise GrammarError(f"the grammar has {len(grammar)} characters; at most {MAX_GRAMMAR_BYTES} are allowed")
     depth = deepest = 0
     i, n = 0, len(grammar)
     while i < n:
@@ -88,7 +100,100 @@ class SchemaError(ValueError):
         self.keyword = keyword
 
 
-def _check(schema: Any, path: str) -> None:
+class _PatternSize:
+    """An upper bound on the grammar elements the converter writes for a regular expression, found in one pass
+    over it: a literal or class is one, a sequence or an alternation the sum of its parts, a counted repeat its
+    part times the count. Raises :class:`SchemaError` as soon as a count or the total passes its limit."""
+
+    def __init__(self, pattern: str, path: str) -> None:
+        self.text, self.path, self.pos = pattern, path, 0
+
+    def refuse(self, why: str) -> SchemaError:
+        return SchemaError(f"'pattern' at {self.path} {why}", keyword="pattern")
+
+    def check(self, size: int) -> int:
+        if size > MAX_PATTERN_ELEMENTS:
+            raise self.refuse(f"expands to more than {MAX_PATTERN_ELEMENTS} grammar elements once its repeats are "
+                              "written out")
+        return size
+
+    def alternatives(self, depth: int) -> int:
+        if depth > MAX_SCHEMA_DEPTH:
+            raise self.refuse(f"nests groups more than {MAX_SCHEMA_DEPTH} deep")
+        total = sequence = 0
+        while self.pos < len(self.text) and self.text[self.pos] != ")":
+            if self.text[self.pos] == "|":
+                total, sequence = total + sequence, 0
+                self.pos += 1
+                continue
+            sequence = self.check(sequence + self.repeated(self.atom(depth)))
+        return self.check(total + sequence)
+
+    def atom(self, depth: int) -> int:
+        text, c = self.text, self.text[self.pos]
+        self.pos += 1
+        if c == "(":
+            if text.startswith("?", self.pos):  # (?:...), (?P<name>...): the group's own syntax
+                while self.pos < len(text) and text[self.pos] not in ":>)":
+                    self.pos += 1
+                self.pos += text.startswith((":", ">"), self.pos)
+            size = self.alternatives(depth + 1)
+            self.pos += 1  # ")" (an unclosed group is the converter's to report)
+            return size
+        if c == "[":
+            self.pos += text.startswith("^", self.pos)
+            self.pos += text.startswith("]", self.pos)
+            while self.pos < len(text) and text[self.pos] != "]":
+                self.pos += 2 if text[self.pos] == "\\" else 1
+            self.pos += 1
+            return 1
+        if c == "\\":
+            self.pos += 1
+            return 1
+        return 0 if c in "^$" else 1
+
+    def repeated(self, size: int) -> int:
+        text = self.text
+        if self.pos >= len(text):
+            return size
+        c = text[self.pos]
+        if c in "*+?":
+            self.pos += 1
+            count = 2
+        elif c == "{" and (close := text.find("}", self.pos)) > 0 and _is_count(text[self.pos + 1:close]):
+            numbers = [int(n) for n in text[self.pos + 1:close].split(",") if n.strip()]
+            if max(numbers) > MAX_COUNT:
+                raise self.refuse(f"repeats {max(numbers)} times; at most {MAX_COUNT} are allowed")
+            self.pos = close + 1
+            count = max(numbers) + 1
+        else:
+            return size
+        self.pos += text.startswith("?", self.pos)  # lazy: the same elements
+        return self.check(size * count)
+
+
+def _is_count(inside: str) -> bool:
+    """``m``, ``m,`` or ``m,n`` (what makes ``{...}`` a quantifier rather than literal braces)."""
+    low, _, high = inside.partition(",")
+    return low.strip().isdigit() and (not high.strip() or high.strip().isdigit())
+
+
+def check_pattern(pattern: object, path: str) -> None:
+    """Refuse a ``pattern`` whose grammar would be too large to build, before the converter builds it."""
+    if not isinstance(pattern, str):
+        raise SchemaError(f"'pattern' at {path} must be a string", keyword="pattern")
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise SchemaError(f"'pattern' at {path} has {len(pattern)} characters; at most {MAX_PATTERN_CHARS} are "
+                          "allowed", keyword="pattern")
+    size = _PatternSize(pattern, path)
+    while size.pos < len(pattern):  # a stray ")" is the converter's to report: step over it
+        size.check(size.alternatives(0))
+        size.pos += 1
+
+
+def _check(schema: Any, path: str, depth: int = 0) -> None:
+    if depth > MAX_SCHEMA_DEPTH:
+        raise SchemaError(f"the schema nests more than {MAX_SCHEMA_DEPTH} levels deep (at {path})", keyword="depth")
     if isinstance(schema, bool):
         if schema:
             return
@@ -105,18 +210,26 @@ def _check(schema: Any, path: str) -> None:
         if key in ("properties", "$defs", "definitions"):
             if not isinstance(value, dict):
                 raise SchemaError(f"'{key}' at {path} must be an object", keyword=key)
+            if len(value) > MAX_ALTERNATIVES:
+                raise SchemaError(f"'{key}' at {path} has {len(value)} entries; at most {MAX_ALTERNATIVES} are "
+                                  "allowed", keyword=key)
             for name, sub in value.items():
-                _check(sub, f"{path}/{key}/{name}")
+                _check(sub, f"{path}/{key}/{name}", depth + 1)
         elif key in ("anyOf", "oneOf", "allOf", "prefixItems"):
             if not isinstance(value, list) or not value:
                 raise SchemaError(f"'{key}' at {path} must be a non-empty array", keyword=key)
+            if len(value) > MAX_ALTERNATIVES:
+                raise SchemaError(f"'{key}' at {path} has {len(value)} entries; at most {MAX_ALTERNATIVES} are "
+                                  "allowed", keyword=key)
             for i, sub in enumerate(value):
-                _check(sub, f"{path}/{key}/{i}")
+                _check(sub, f"{path}/{key}/{i}", depth + 1)
         elif key == "items":
             for i, sub in enumerate(value if isinstance(value, list) else [value]):
-                _check(sub, f"{path}/items" + (f"/{i}" if isinstance(value, list) else ""))
+                _check(sub, f"{path}/items" + (f"/{i}" if isinstance(value, list) else ""), depth + 1)
         elif key == "additionalProperties" and not isinstance(value, bool):
-            _check(value, f"{path}/additionalProperties")
+            _check(value, f"{path}/additionalProperties", depth + 1)
+        elif key == "pattern":
+            check_pattern(value, path)
         elif key == "type":
             types = value if isinstance(value, list) else [value]
             unknown = [t for t in types if t not in TYPES]
@@ -130,6 +243,9 @@ def _check(schema: Any, path: str) -> None:
             raise SchemaError(f"'required' at {path} must be an array of property names", keyword=key)
         elif key in ("enum", "prefixItems") and not isinstance(value, list):
             raise SchemaError(f"'{key}' at {path} must be an array", keyword=key)
+        elif key == "enum" and len(value) > MAX_ALTERNATIVES:
+            raise SchemaError(f"'enum' at {path} has {len(value)} values; at most {MAX_ALTERNATIVES} are allowed",
+                              keyword=key)
         elif key == "$ref" and not (isinstance(value, str) and value.startswith("#/")):
             raise SchemaError(f"only local references ('#/...') are supported, not {value!r} (at {path})",
                               keyword="$ref")
