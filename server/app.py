@@ -10,11 +10,12 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 
 from server import __version__
 from server.body_limit import BodyLimitMiddleware
-from server.docs import assets_dir, docs_urls, install_docs
+from server.docs import ASSETS_URL, assets_dir, docs_urls, install_docs
 from server.engine.core import Engine, EngineState
 from server.errors import install_error_handlers
 from server.json_body import JsonBodyMiddleware
@@ -22,11 +23,33 @@ from server.metrics import HttpMetricsMiddleware, Metrics
 from server.model_files import resolve_model_path
 from server.request_log import RequestLogMiddleware
 from server.routes import native, openai, ops, tokenize, ui
-from server.security import BrowserGuardMiddleware, KeyChecker, served_hosts
+from server.security import (
+    ApiKeyMiddleware,
+    BrowserGuardMiddleware,
+    KeyChecker,
+    PageHeadersMiddleware,
+    PublicPaths,
+    served_hosts,
+)
 from server.serving import GenerationService
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
+
+def _public_paths(app: FastAPI, settings: Settings, docs_assets: Path | None) -> PublicPaths:
+    """What answers without a key: the operations router (probes, Prometheus, /info), the playground, the docs and
+    their static files, read from the routers that serve them (none takes path parameters). Every other route
+    needs one."""
+    exact = {route.path for route in ops.router.routes if isinstance(route, APIRoute)}
+    prefixes: tuple[str, ...] = ()
+    if settings.ui:
+        exact |= {route.path for route in ui.router.routes if isinstance(route, APIRoute)}
+        prefixes += ("/static/",)
+    if docs_assets is not None:
+        exact |= {"/docs", "/redoc"}
+        prefixes += (ASSETS_URL + "/",)
+    exact |= {url for url in (app.openapi_url, app.docs_url, app.redoc_url) if url}
+    return PublicPaths(exact, prefixes)
 
 
 def model_name(settings: Settings, path: Path) -> str:
@@ -71,6 +94,8 @@ def create_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = N
     )
     app.state.key_checker = key_checker
     app.state.settings = settings
+    # Innermost: the key is checked before anything reads the body, after CORS has answered preflights.
+    app.add_middleware(ApiKeyMiddleware, checker=key_checker, public=_public_paths(app, settings, docs_assets))
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
@@ -81,6 +106,7 @@ def create_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = N
     # Outside CORS and the JSON body rewrite: it sees the Host, Origin and Content-Type the client sent.
     app.add_middleware(BrowserGuardMiddleware, allowed_hosts=served_hosts(settings),
                        cors_origins=settings.cors_origins)
+    app.add_middleware(PageHeadersMiddleware)
     app.add_middleware(RequestLogMiddleware)
     app.add_middleware(HttpMetricsMiddleware)
     install_error_handlers(app)
@@ -121,6 +147,7 @@ async def _measure_vocab_when_loaded(engine: Engine, service: GenerationService)
     await asyncio.to_thread(engine.loaded.wait)
     if engine.state is EngineState.READY:
         await service.vocab_facts()
+        await service.load_chat_template()
 
 
 async def _watch_load(engine: Engine, on_fatal: Callable[[str], None] | None) -> None:

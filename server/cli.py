@@ -185,7 +185,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = settings_from_args(args)
     except ValidationError as exc:
         return _fail(settings_error(exc), 2)
-    problem = port_problem(settings.host, settings.port)
+    problem = settings.exposure_problem() or port_problem(settings.host, settings.port)
     if problem is not None:
         return _fail(problem)
     try:

@@ -26,8 +26,3 @@ async def get_metrics(request: Request) -> Metrics:
 ServiceDep = Annotated[GenerationService, Depends(get_service)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-
-
-async def require_api_key(request: Request) -> None:
-    """Generation routes: 401 unless the request carries an accepted API key (when keys are configured)."""
-    await request.app.state.key_checker(request)

@@ -66,11 +66,13 @@ class APIError(Exception):
 
 
 async def send_error(send: Send, status: int, message: str, *, type: str = "invalid_request_error",
-                     code: str | None = None, close: bool = False) -> None:
+                     code: str | None = None, close: bool = False,
+                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
     """The error envelope sent straight through ASGI, for middleware that answers before any route."""
     body = json.dumps(ErrorResponse(error=ErrorDetail(message=safe_text(message), type=type, code=code))
                       .model_dump()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               *(headers or [])]
     if close:
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -1,15 +1,18 @@
-"""API keys (compared in constant time, never logged), prompt-cache scopes, and the checks that keep web pages
-from driving a server through a user's browser (allowed hosts, cross-origin simple requests)."""
+"""API keys (compared in constant time, never logged, checked before a request's body is read), prompt-cache
+scopes, and the checks that keep web pages from driving a server through a user's browser (allowed hosts,
+cross-origin simple requests, and the headers that keep its pages out of frames)."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
+from collections.abc import Callable
 
 from fastapi import Request
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import APIError, send_error
+from server.errors import bad_request, send_error
 from server.settings import Settings
 
 
@@ -19,11 +22,8 @@ def key_scope(key: str) -> str:
 
 
 class KeyChecker:
-    """A FastAPI dependency: passes when no key is configured, or when the request carries one of the keys as
-    ``Authorization: Bearer <key>`` (what the OpenAI SDK sends) or ``X-API-Key: <key>``.
-
-    It records which key authenticated the request (as a digest, ``request.state.key_scope``), so that prompt
-    prefixes are reused only between requests of the same key."""
+    """Passes when no key is configured, or when the request carries one of the keys as
+    ``Authorization: Bearer <key>`` (what the OpenAI SDK sends) or ``X-API-Key: <key>``."""
 
     def __init__(self, keys: list[str]) -> None:
         self._keys = [k.encode() for k in keys]
@@ -39,28 +39,85 @@ class KeyChecker:
             found |= hmac.compare_digest(candidate, key)
         return found
 
-    async def __call__(self, request: Request) -> None:
-        request.state.key_scope = ""
+    def scope_of(self, headers: dict[bytes, bytes]) -> str | None:
+        """The prompt-cache scope of a request with these headers ("" when no key is configured), or None when
+        it carries no accepted key."""
         if not self._keys:
-            return
-        auth = request.headers.get("authorization", "")
-        presented = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
+            return ""
+        auth = headers.get(b"authorization", b"").decode("latin-1")
+        presented = auth[7:].strip() if auth[:7].lower() == "bearer " else (
+            headers.get(b"x-api-key", b"").decode("latin-1").strip())
         if not presented or not self.matches(presented):
-            raise APIError(
-                401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                type="authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"},
-            )
-        request.state.key_scope = key_scope(presented)
+            return None
+        return key_scope(presented)
+
+
+UNAUTHORIZED = "missing or invalid API key: send 'Authorization: Bearer <key>'"
+
+
+class ApiKeyMiddleware:
+    """The one place API keys are checked, before any route runs: a request without an accepted key is answered
+    401 before a byte of its body is read or parsed (FastAPI reads and decodes the body before a route's
+    dependencies run). The answer keeps the connection: uvicorn drops the unread rest of the body in its C
+    parser, and closing on unread bytes would reset the connection before the client reads the 401.
+
+    Every route needs a key but those ``public`` says not (:class:`PublicPaths`: probes, metrics, the playground,
+    the docs). It records
+    which key authenticated the request (as a digest, ``request.state.key_scope``), so that prompt prefixes are
+    reused only between requests of the same key."""
+
+    def __init__(self, app: ASGIApp, checker: KeyChecker, public: Callable[[Scope], bool]) -> None:
+        self.app = app
+        self.checker = checker
+        self.public = public
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            found = self.checker.scope_of(dict(scope["headers"]))
+            if found is None and not self.public(scope):
+                await send_error(send, 401, UNAUTHORIZED, type="authentication_error", code="invalid_api_key",
+                                 headers=[(b"www-authenticate", b"Bearer")])
+                return
+            scope.setdefault("state", {})["key_scope"] = found or ""
+        await self.app(scope, receive, send)
+
+
+class PublicPaths:
+    """The paths that answer without a key: exact paths (the operations router's, the playground's, the docs')
+    and the prefixes of static mounts. Anything else, a route added later or a path no route serves, needs one."""
+
+    def __init__(self, exact: set[str], prefixes: tuple[str, ...]) -> None:
+        self.exact = frozenset(exact)
+        self.prefixes = prefixes
+
+    def __call__(self, scope: Scope) -> bool:
+        path = scope["path"]
+        return path in self.exact or path.startswith(self.prefixes)
+
+
+def _trusted(client: str, proxies: list[str]) -> bool:
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(p, strict=False) for p in proxies)
 
 
 def cache_scope(request: Request, settings: Settings) -> str | None:
     """Which requests may reuse this one's cached prompt prefix: those with the same API key (and tenant
-    header, when one is configured). None: no reuse at all (PROMPT_CACHE_SCOPE=off)."""
+    header, when one is configured and the request comes from one of TRUSTED_PROXIES: a client that reaches the
+    server directly cannot pick a tenant). None: no reuse at all (PROMPT_CACHE_SCOPE=off)."""
     if settings.prompt_cache_scope == "off":
         return None
     scope = str(getattr(request.state, "key_scope", ""))
     if settings.tenant_header:
-        scope += "|tenant:" + request.headers.get(settings.tenant_header, "")
+        values = request.headers.getlist(settings.tenant_header)
+        if len(values) > 1:
+            raise bad_request(f"the {settings.tenant_header} header is given {len(values)} times; a gateway sets it "
+                              "once", param=settings.tenant_header, code="invalid_header")
+        client = request.client.host if request.client else ""
+        if values and _trusted(client, settings.trusted_proxies):
+            scope += "|tenant:" + values[0]
     return scope
 
 
@@ -129,3 +186,38 @@ class BrowserGuardMiddleware:
                                  type="permission_error", code="cross_origin_refused")
                 return
         await self.app(scope, receive, send)
+
+
+# The playground loads only its own files; Swagger UI and ReDoc start from an inline script and style themselves
+# inline. No page of this server may be framed (clickjacking the playground's "send" button).
+PAGE_POLICY = ("default-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+               "frame-ancestors 'none'")
+DOCS_POLICY = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+               "img-src 'self' data:; worker-src 'self' blob:; object-src 'none'; base-uri 'none'; "
+               "frame-ancestors 'none'")
+DOCS_PAGES = frozenset({"/docs", "/redoc"})
+
+
+class PageHeadersMiddleware:
+    """A Content-Security-Policy with ``frame-ancestors 'none'``, ``X-Frame-Options: DENY`` and ``nosniff`` on
+    what a browser fetches with GET (the playground, the docs, their files). POSTs, and so every stream, pass
+    untouched: no per-event work is added to the hot path."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+            return
+        policy = (DOCS_POLICY if scope["path"] in DOCS_PAGES else PAGE_POLICY).encode()
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                present = {k.lower() for k, _ in message.get("headers", [])}
+                extra = [(k, v) for k, v in ((b"content-security-policy", policy), (b"x-frame-options", b"DENY"),
+                                             (b"x-content-type-options", b"nosniff")) if k not in present]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)

@@ -7,6 +7,7 @@ both come from the same fields, with the same description and bounds.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from pathlib import Path
@@ -27,6 +28,15 @@ def kv_cache_bytes(n_layer: int, n_ctx: int, kv_width: int, cache_type: str) -> 
 def prompt_cache_bytes(cache_ram_mib: int | str, kv_bytes: float) -> int:
     """The host-memory prompt cache's bound for a CACHE_RAM_MIB value and a KV cache of ``kv_bytes``; 0: off."""
     return int(kv_bytes) if cache_ram_mib == "auto" else int(cache_ram_mib) * 2**20
+
+
+MIN_KEY_CHARS = 16  # a guessable key is no key
+
+
+def key_lines(text: str) -> list[tuple[int, str]]:
+    """The keys of an API key file with their line numbers: one a line, blank lines and ``#`` comments skipped."""
+    return [(number, line.strip()) for number, line in enumerate(text.splitlines(), start=1)
+            if line.strip() and not line.strip().startswith("#")]
 
 
 def _default_threads() -> int:
@@ -199,7 +209,18 @@ class Settings(BaseSettings):
     tenant_header: str | None = Field(
         default=None,
         description="A header set by a trusted gateway (e.g. X-Tenant-Id) whose value also separates prompt "
-        "caches, for deployments where one API key serves several tenants.",
+        "caches, for deployments where one API key serves several tenants. Honoured only on connections from "
+        "TRUSTED_PROXIES; given twice, the request gets 400.",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1/32", "::1/128"],
+        description="Addresses or networks (a JSON list, e.g. [\"10.0.0.0/8\"]) of the gateways whose TENANT_HEADER "
+        "is believed; from any other client it is ignored.",
+    )
+    allow_unauthenticated: bool = Field(
+        default=False,
+        description="Serve without an API key on an address other than loopback. Off: such a server refuses to "
+        "start, since whoever reaches the port could use it and would share one prompt-cache scope with everyone.",
     )
     max_header_bytes: int = Field(
         default=64 * 2**10, ge=1024, le=16 * 2**20,
@@ -213,6 +234,11 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(
         default=60.0, gt=0.0, le=3600.0,
         description="A request body not fully received this long after its headers is cut off.",
+    )
+    write_timeout_s: float = Field(
+        default=30.0, gt=0.0, le=3600.0,
+        description="A connection whose client takes none of the answer's bytes for this long (its window full: "
+        "it stopped reading) is closed; a stream to it ends and its slot is freed.",
     )
     limit_concurrency: int = Field(
         default=512, ge=1, le=1_000_000,
@@ -254,6 +280,9 @@ class Settings(BaseSettings):
         """Authentication fails closed: a key that is set but blank refuses start-up instead of turning auth off."""
         if key is not None and not key.get_secret_value().strip():
             raise ValueError("API_KEY is set but empty; refusing to start without authentication")
+        if key is not None and len(key.get_secret_value().strip()) < MIN_KEY_CHARS:
+            raise ValueError(f"API_KEY is shorter than {MIN_KEY_CHARS} characters; use a random key "
+                             "(e.g. openssl rand -hex 32)")
         return key
 
     @field_validator("api_key_file")
@@ -267,9 +296,14 @@ class Settings(BaseSettings):
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
             raise ValueError(f"cannot read API key file {path}: {reason}") from exc
-        if not any(line.strip() for line in text.splitlines()):
+        keys = key_lines(text)
+        if not keys:
             raise ValueError(f"API key file {path} holds no key (one per line); refusing to start without "
                              "authentication")
+        short = next((number for number, key in keys if len(key) < MIN_KEY_CHARS), None)
+        if short is not None:
+            raise ValueError(f"the key on line {short} of API key file {path} is shorter than {MIN_KEY_CHARS} "
+                             "characters; use random keys (e.g. openssl rand -hex 32)")
         return path
 
     @model_validator(mode="after")
@@ -292,12 +326,38 @@ class Settings(BaseSettings):
             raise ValueError(f"draft_model_path {self.draft_model_path} is not a file")
         return self
 
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{item!r} is not an address or network") from exc
+        return value
+
+    def exposure_problem(self) -> str | None:
+        """Why this server must not start: it listens beyond loopback with no API key, and was not told that is
+        meant (ALLOW_UNAUTHENTICATED). None when it may."""
+        if self.api_key is not None or self.api_key_file is not None or self.allow_unauthenticated:
+            return None
+        host = self.host.strip("[]")
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if loopback:
+            return None
+        return (f"refusing to listen on {self.host} without an API key: anyone who reaches the port could use the "
+                "server. Set API_KEY_FILE (or API_KEY), listen on 127.0.0.1, or set ALLOW_UNAUTHENTICATED=true "
+                "if a gateway in front authenticates")
+
     def api_keys(self) -> list[str]:
         """Every accepted key: API_KEY and the lines of API_KEY_FILE (read now, so a rotated secret applies on
         restart)."""
-        keys = [self.api_key.get_secret_value()] if self.api_key else []
+        keys = [self.api_key.get_secret_value().strip()] if self.api_key else []
         if self.api_key_file is not None:
-            keys += [line.strip() for line in self.api_key_file.read_text().splitlines() if line.strip()]
+            keys += [key for _, key in key_lines(self.api_key_file.read_text(encoding="utf-8"))]
         return keys
 
     def prompt_cache_bytes(self, kv_bytes: float) -> int:

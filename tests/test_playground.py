@@ -125,7 +125,7 @@ def test_chat_mode_and_stop_button_free_the_slot(ui_server: LiveServer, browser)
 def test_api_key_is_asked_for_and_sent(tmp_path: Path, browser) -> None:  # type: ignore[no-untyped-def]
     from selenium.webdriver.common.by import By
 
-    server = start_server(tmp_path, "--api-key", "sk-ui-test")
+    server = start_server(tmp_path, "--api-key", "sk-ui-test-8e2b41")
     try:
         browser.get(server.url + "/")
         wait_for(lambda: browser.find_element(By.ID, "key_row").is_displayed())
@@ -134,7 +134,7 @@ def test_api_key_is_asked_for_and_sent(tmp_path: Path, browser) -> None:  # type
         browser.find_element(By.ID, "send").click()
         error = wait_for(lambda: browser.find_element(By.ID, "error").text)
         assert "API key" in error
-        browser.find_element(By.ID, "api_key").send_keys("sk-ui-test")
+        browser.find_element(By.ID, "api_key").send_keys("sk-ui-test-8e2b41")
         browser.find_element(By.ID, "send").click()
         wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".msg.assistant .text")[-1].get_attribute("data-done"))
         assert not browser.find_element(By.ID, "error").is_displayed()

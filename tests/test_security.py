@@ -21,7 +21,7 @@ MODEL = "SmolLM2-135M-Instruct.Q4_1"
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     tmp = tmp_path_factory.mktemp("secured")
     keys = tmp / "keys.txt"
-    keys.write_text("sk-other-key\n" + KEY + "\n")
+    keys.write_text("sk-other-key-5a9c\n" + KEY + "\n")
     server = start_server(tmp, "--api-key-file", str(keys), "--cors-origins", '["https://app.example"]',
                           "--max-body-bytes", "65536", "--parallel", "2", env={"LOG_JSON": "true"})
     yield server
@@ -48,7 +48,7 @@ def test_generation_routes_need_the_key(secured: LiveServer, method: str, path: 
     ok = httpx.request(method, secured.url + path, json=body, headers={"Authorization": f"Bearer {KEY}"},
                        timeout=60)
     assert ok.status_code == 200, ok.text
-    also = httpx.request(method, secured.url + path, json=body, headers={"X-API-Key": "sk-other-key"}, timeout=60)
+    also = httpx.request(method, secured.url + path, json=body, headers={"X-API-Key": "sk-other-key-5a9c"}, timeout=60)
     assert also.status_code == 200
 
 

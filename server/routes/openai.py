@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 
-from server.deps import ServiceDep, require_api_key
+from server.deps import ServiceDep
 from server.errors import ERROR_RESPONSES, APIError, ErrorResponse, bad_request
 from server.openai_protocol import (
     ChatCompletion,
@@ -17,11 +17,10 @@ from server.openai_protocol import (
 )
 from server.openai_serving import serve_chat, serve_completion
 from server.openapi_sse import event_stream
-from server.prompt_limits import refuse_control_tokens
 from server.security import cache_scope
 from server.serving import GenerationService
 
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1", tags=["openai"])
 
 RESPONSES: dict[int | str, dict[str, object]] = {
     **ERROR_RESPONSES,
@@ -68,10 +67,6 @@ async def get_model(model_id: str, service: ServiceDep) -> ModelCard:
 async def completions(body: CompletionRequest, request: Request, service: ServiceDep) -> Completion | Response:
     _check(body, service)
     prompt = body.prompt_value()
-    if isinstance(prompt, list) and not service.settings.allow_special_tokens:
-        forged = refuse_control_tokens(prompt, await service.vocab_facts())
-        if forged is not None:
-            raise forged
     return await serve_completion(service, body, prompt, request, _build_options(request, service))
 
 
