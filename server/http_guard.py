@@ -5,7 +5,10 @@ costs 14 s of event-loop CPU, before any route (or API key check) runs. This pro
 request's line and headers before the parser sees them, and answers 431 once they pass ``max_header_bytes``.
 A connection whose request line and headers do not arrive within ``header_timeout_s`` (of opening, or of the
 previous answer ending) gets 408 and is closed; a body that does not arrive within ``body_timeout_s`` of its
-headers is cut off. Slow clients (slowloris) therefore hold a connection for a bounded time.
+headers is cut off. Slow clients (slowloris) therefore hold a connection for a bounded time. So do clients that
+stop reading: a connection whose writes stay blocked (the client's window full) for ``write_timeout_s`` is
+aborted, which ends its stream and frees its slot. Past ``limit_concurrency`` the probes (``/health``, ``/ready``,
+``/metrics``) are still answered, so a crowd of hung clients does not make the liveness probe restart the pod.
 
 Why not uvicorn's h11 protocol, which has a header limit: it frames every streamed event in Python, and the
 server streams tokens hot (see benchmarks/RESULTS.md); the guard keeps httptools' C framing and adds a few
@@ -26,6 +29,8 @@ from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
+from server.security import PROBE_PATHS  # answered even past limit_concurrency: what keeps the pod alive
+
 log = logging.getLogger(__name__)
 
 LINGER_S = 0.5  # after a refusal, how long the rest of the client's bytes are dropped before the socket closes
@@ -36,6 +41,7 @@ class HttpLimits:
     max_header_bytes: int
     header_timeout_s: float
     body_timeout_s: float
+    write_timeout_s: float
 
 
 def _envelope(message: str, type_: str, code: str) -> bytes:
@@ -71,6 +77,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = True  # reading a request line and headers (or waiting for the next request)
         self._head_bytes = 0
         self._deadline: asyncio.TimerHandle | None = None
+        self._write_deadline: asyncio.TimerHandle | None = None
         self._refused = False
 
     # ---- deadlines ----
@@ -128,7 +135,28 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._disarm_write()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The client stopped taking bytes: it has ``write_timeout_s`` to take some again."""
+        super().pause_writing()
+        if self._write_deadline is None:
+            self._write_deadline = self.loop.call_later(self.limits.write_timeout_s, self._write_timed_out)
+
+    def resume_writing(self) -> None:
+        self._disarm_write()
+        super().resume_writing()
+
+    def _disarm_write(self) -> None:
+        if self._write_deadline is not None:
+            self._write_deadline.cancel()
+            self._write_deadline = None
+
+    def _write_timed_out(self) -> None:
+        self._write_deadline = None
+        log.info("aborting a connection whose client read nothing for %g s", self.limits.write_timeout_s)
+        self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -158,7 +186,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
-        super()._start_asgi_task(cycle, _over_capacity if app is service_unavailable else app)
+        if app is service_unavailable:
+            app = self.app if cycle.scope["path"] in PROBE_PATHS else _over_capacity
+        super()._start_asgi_task(cycle, app)
 
     def on_message_complete(self) -> None:
         self._in_head = True

@@ -26,7 +26,7 @@ def harden(config: uvicorn.Config, settings: Settings) -> None:
     """HTTP limits on uvicorn's config: header size and read deadlines (httptools behind a guard, see
     server/http_guard.py), and a cap on open connections."""
     limits = HttpLimits(max_header_bytes=settings.max_header_bytes, header_timeout_s=settings.header_timeout_s,
-                        body_timeout_s=settings.body_timeout_s)
+                        body_timeout_s=settings.body_timeout_s, write_timeout_s=settings.write_timeout_s)
     config.http = functools.partial(GuardedHttpToolsProtocol, limits=limits)  # type: ignore[assignment]
     config.limit_concurrency = settings.limit_concurrency
 

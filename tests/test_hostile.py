@@ -474,11 +474,15 @@ def test_a_lone_surrogate_in_the_model_name_is_a_json_404_and_one_log_line(serve
 def test_prompt_cache_scope_off_turns_reuse_off_and_a_tenant_header_separates() -> None:
     from starlette.requests import Request
 
+    from server.errors import APIError
     from server.security import cache_scope, key_scope
     from server.settings import Settings
 
-    def request(headers: dict[str, str], key_digest: str) -> Request:
-        req = Request({"type": "http", "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]})
+    def request(headers: dict[str, str] | list[tuple[str, str]], key_digest: str, client: str = "127.0.0.1"
+                ) -> Request:
+        pairs = headers.items() if isinstance(headers, dict) else headers
+        req = Request({"type": "http", "headers": [(k.lower().encode(), v.encode()) for k, v in pairs],
+                       "client": (client, 40000)})
         req.state.key_scope = key_digest
         return req
 
@@ -489,6 +493,13 @@ def test_prompt_cache_scope_off_turns_reuse_off_and_a_tenant_header_separates() 
     tenanted = Settings(tenant_header="X-Tenant-Id")
     assert cache_scope(request({"X-Tenant-Id": "t1"}, a), tenanted) != cache_scope(
         request({"X-Tenant-Id": "t2"}, a), tenanted)
+    # From a client that is not a trusted proxy the header means nothing: it cannot pick another tenant's cache.
+    assert cache_scope(request({"X-Tenant-Id": "t1"}, a, client="10.1.2.3"), tenanted) == a
+    gateway = Settings(tenant_header="X-Tenant-Id", trusted_proxies=["10.0.0.0/8"])
+    assert cache_scope(request({"X-Tenant-Id": "t1"}, a, client="10.1.2.3"), gateway) == a + "|tenant:t1"
+    assert cache_scope(request({"X-Tenant-Id": "t1"}, a), gateway) == a
+    with pytest.raises(APIError, match="given 2 times"):  # a client's own value beside the gateway's
+        cache_scope(request([("X-Tenant-Id", "t1"), ("X-Tenant-Id", "t2")], a), tenanted)
 
 
 def test_the_listening_address_is_an_allowed_host() -> None:
@@ -507,12 +518,13 @@ def test_connections_past_the_limit_get_503_and_the_limit_frees_up(tmp_path: Pat
     try:
         idle = [_connect(srv) for _ in range(4)]  # open connections count, even before a request
         time.sleep(0.2)
-        refused = httpx.get(srv.url + "/health", timeout=10)
+        refused = httpx.get(srv.url + "/v1/models", timeout=10)
         assert refused.status_code == 503
+        assert httpx.get(srv.url + "/health", timeout=10).status_code == 200  # the probes are still answered
         for sock in idle:  # the header deadline closes them, and the server takes requests again
             _read_all(sock, 5)
             sock.close()
-        assert httpx.get(srv.url + "/health", timeout=10).status_code == 200
+        assert httpx.get(srv.url + "/v1/models", timeout=10).status_code == 200
     finally:
         stop_server(srv)
 
@@ -523,14 +535,14 @@ def test_connections_past_limit_concurrency_get_the_json_envelope(tmp_path: Path
     try:
         idle = [_connect(srv) for _ in range(3)]  # open connections count against the limit
         time.sleep(0.2)
-        refused = httpx.get(srv.url + "/health", timeout=10)
+        refused = httpx.get(srv.url + "/v1/models", timeout=10)
         for sock in idle:
             sock.close()
         assert refused.status_code == 503
         assert refused.headers["content-type"] == "application/json" and refused.headers["retry-after"] == "5"
         assert refused.json()["error"]["code"] == "over_capacity"
         deadline = time.monotonic() + 5
-        while httpx.get(srv.url + "/health", timeout=10).status_code != 200:  # closed connections free the room
+        while httpx.get(srv.url + "/v1/models", timeout=10).status_code != 200:  # closed connections free the room
             assert time.monotonic() < deadline
             time.sleep(0.05)
     finally:
