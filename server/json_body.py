@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-JSON_PREFIXES = ("/generate", "/v1/")
+JSON_PREFIXES = ("/generate", "/v1/", "/tokenize", "/detokenize")
 
 
 class JsonBodyMiddleware:

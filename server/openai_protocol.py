@@ -57,6 +57,10 @@ def grammar_of_schema(schema: object, param: str) -> str:
         raise bad_request(str(exc), param=param, code="unsupported_schema") from exc
 
 
+# Each entry of a logit_bias is work for the sampler on the engine thread, every step.
+MAX_LOGIT_BIAS = 1024
+
+
 class SamplingFields(BaseModel):
     """Parameters shared by completions and chat completions."""
 
@@ -97,8 +101,11 @@ class SamplingFields(BaseModel):
     @field_validator("logit_bias")
     @classmethod
     def _check_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is not None and len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias has {len(value)} entries; at most {MAX_LOGIT_BIAS} are allowed")
         for token, bias in (value or {}).items():
-            if not token.lstrip("-").isdigit():
+            digits = token.removeprefix("-")
+            if not (digits.isascii() and digits.isdigit() and len(digits) <= 9):  # '²' is a digit to str.isdigit
                 raise ValueError(f"logit_bias keys are token ids, not {token!r}")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias values are from -100 to 100, not {bias}")

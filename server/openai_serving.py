@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request, Response
+from pydantic import BaseModel
 from sse_starlette import ServerSentEvent
 
 from server.engine.llama import LlamaModel
@@ -69,6 +70,33 @@ def _usage(finals: list[FinalEvent]) -> Usage:
     completion = sum(f.usage.completion_tokens for f in finals)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
                  prompt_tokens_details=PromptTokensDetails(cached_tokens=finals[0].usage.cached_tokens))
+
+
+# The most log-probability entries (tokens times alternatives plus one, over all choices) one non-streamed answer
+# may hold: n=16 choices of 2000 tokens with 20 alternatives each would be 1.4 GB of objects.
+MAX_ANSWER_LOGPROBS = 2**17
+
+
+def check_answer_size(service: GenerationService, body: SamplingFields, max_tokens: int | None) -> None:
+    """``n`` no larger than the slots (one request may not take every slot and queue place beyond them), and a
+    non-streamed answer's log-probabilities bounded, before anything is tokenized."""
+    if body.n > service.settings.parallel:
+        raise bad_request(f"n is {body.n}, but this server decodes at most {service.settings.parallel} sequences at "
+                          "once (PARALLEL)", param="n", code="invalid_value")
+    top = body.logprobs_wanted()
+    if top is None or body.stream:
+        return
+    tokens = max_tokens or service.settings.default_max_tokens
+    entries = body.n * tokens * (top + 1)
+    if entries > MAX_ANSWER_LOGPROBS:
+        raise bad_request(f"n ({body.n}) x max_tokens ({tokens}) x (top logprobs ({top}) + 1) is {entries} "
+                          f"log-probabilities; at most {MAX_ANSWER_LOGPROBS} fit one answer: lower one, or stream",
+                          param="n", code="invalid_value")
+
+
+async def json_answer(build: Callable[[], BaseModel]) -> Response:
+    """A whole answer built and encoded off the event loop (a long one with log-probabilities takes a while)."""
+    return Response(await asyncio.to_thread(lambda: build().model_dump_json()), media_type="application/json")
 
 
 def _model(service: GenerationService) -> LlamaModel:
@@ -218,7 +246,8 @@ async def serve_completion(service: GenerationService, body: CompletionRequest, 
                            http_request: Request, options: dict[str, Any]) -> Completion | Response:
     """``options``: further arguments of ``service.build`` (the route's cache scope)."""
     model = _model(service)
-    sampling = body.to_sampling(model.n_vocab, body.grammar())
+    check_answer_size(service, body, body.max_tokens)
+    sampling = await asyncio.to_thread(lambda: body.to_sampling(model.n_vocab, body.grammar()))
     choices, fields = await _submit(service, body, prompt, body.max_tokens, sampling, "cmpl", http_request,
                                     body.prompt, "response_format", options)
     created = int(time.time())
@@ -230,11 +259,14 @@ async def serve_completion(service: GenerationService, body: CompletionRequest, 
     results = await _collect(service, choices, http_request, fields)
     if results is None:
         return Response(status_code=CLIENT_CLOSED)
-    answers = [CompletionChoice(index=i, text=final.text, finish_reason=_finish(final),  # type: ignore[arg-type]
-                                logprobs=logprobs.completion(tokens) if logprobs else None)
-               for i, (final, tokens) in enumerate(results)]
-    return Completion(id=request_id, created=created, model=service.model_name, choices=answers,
-                      usage=_usage([final for final, _ in results]))
+    def answer() -> Completion:
+        answers = [CompletionChoice(index=i, text=final.text, finish_reason=_finish(final),  # type: ignore[arg-type]
+                                    logprobs=logprobs.completion(tokens) if logprobs else None)
+                   for i, (final, tokens) in enumerate(results)]
+        return Completion(id=request_id, created=created, model=service.model_name, choices=answers,
+                          usage=_usage([final for final, _ in results]))
+
+    return await json_answer(answer)
 
 
 async def _completion_stream(service: GenerationService, handle: RequestHandle, index: int, created: int,
@@ -384,11 +416,12 @@ def _tool_answer(plan: _ChatPlan, body: ChatCompletionRequest, final: FinalEvent
 async def serve_chat(service: GenerationService, body: ChatCompletionRequest, http_request: Request,
                      options: dict[str, Any]) -> ChatCompletion | Response:
     model = _model(service)
-    plan = _plan(service, body)
+    check_answer_size(service, body, body.limit())
+    plan = await asyncio.to_thread(_plan, service, body)
     tokens = await service.chat_tokens(plan.messages, plan.template_tools)
-    sampling = body.to_sampling(model.n_vocab, plan.grammar)
+    sampling = await asyncio.to_thread(body.to_sampling, model.n_vocab, plan.grammar)
     choices, fields = await _submit(service, body, tokens, body.limit(), sampling, "chatcmpl", http_request,
-                                    plan.messages, plan.grammar_param, options)
+                                    plan.messages, plan.grammar_param, {**options, "rendered": True})
     created = int(time.time())
     logprobs = Logprobs(model) if body.logprobs else None
     request_id = choices.requests[0].request_id
@@ -398,17 +431,23 @@ async def serve_chat(service: GenerationService, body: ChatCompletionRequest, ht
     results = await _collect(service, choices, http_request, fields)
     if results is None:
         return Response(status_code=CLIENT_CLOSED)
-    answers = []
-    for i, (final, events) in enumerate(results):
-        content, calls, finish = _tool_answer(plan, body, final)
-        answers.append(ChatChoice(
-            index=i, message=AssistantMessage(content=content, tool_calls=calls), finish_reason=finish,  # type: ignore[arg-type]
-            logprobs=ChoiceLogprobs(content=logprobs.chat(events)) if logprobs else None))
-    return ChatCompletion(id=request_id, created=created, model=service.model_name, choices=answers,
-                          usage=_usage([final for final, _ in results]))
+    def answer() -> ChatCompletion:
+        answers = []
+        for i, (final, events) in enumerate(results):
+            content, calls, finish = _tool_answer(plan, body, final)
+            answers.append(ChatChoice(
+                index=i, message=AssistantMessage(content=content, tool_calls=calls), finish_reason=finish,  # type: ignore[arg-type]
+                logprobs=ChoiceLogprobs(content=logprobs.chat(events)) if logprobs else None))
+        return ChatCompletion(id=request_id, created=created, model=service.model_name, choices=answers,
+                              usage=_usage([final for final, _ in results]))
+
+    return await json_answer(answer)
 
 
 _CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"]*)"\s*,\s*"arguments"\s*:\s*')
+# The head is looked for again as each token arrives: past this many characters without one, it never comes
+# (the grammar bounds its blanks and names), and the search stops instead of growing with the answer.
+CALL_HEAD_LIMIT = 1024
 
 
 class _ArgumentsScanner:
@@ -427,6 +466,8 @@ class _ArgumentsScanner:
         """Add generated text; returns the arguments' text it completes (empty before the name is known)."""
         self.text += text
         if self.name is None:
+            if len(self.text) > CALL_HEAD_LIMIT:
+                return ""
             head = _CALL_HEAD.match(self.text)
             if head is None:
                 return ""

@@ -6,6 +6,7 @@ Routes stay thin and call this object; tests can drive it without HTTP.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,13 +14,19 @@ from typing import Any
 
 from starlette.types import Message
 
-from server.chat import ChatFormatter, ChatTemplateError, load_template
+from server.chat import ChatFormatter, ChatTemplateError, TemplateBudgetExceeded, load_template
 from server.engine.core import Engine, EngineNotReady, EngineOverloaded, EngineState
 from server.engine.sampling import SamplingParams, grammar_parses
 from server.engine.types import ErrorEvent, Event, FinalEvent, GenerationRequest, RequestHandle, TokenEvent
 from server.errors import APIError, bad_request, overloaded, unavailable
-from server.prompt_limits import VocabFacts, measure_vocab, refuse_oversized
+from server.prompt_limits import VocabFacts, measure_vocab, refuse_control_tokens, refuse_oversized
 from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# The bound on a grammar's parse stacks, in the llama.cpp this server is built with
+# (scripts/patches/llama-grammar-bounds.patch).
+GRAMMAR_MAX_STACKS = 256
 
 
 class GenerationService:
@@ -28,6 +35,7 @@ class GenerationService:
         self.settings = settings
         self.model_name = model_name
         self._chat: ChatFormatter | None = None
+        self._chat_error: APIError | None = None
         self._vocab: VocabFacts | None = None
         self._vocab_lock = asyncio.Lock()  # measured once, however many requests ask at the same time
         self.created = int(time.time())  # the model's "created" in the OpenAI API: when this server started
@@ -48,41 +56,55 @@ class GenerationService:
                 self._vocab = await asyncio.to_thread(measure_vocab, model)
         return self._vocab
 
-    async def tokenize(self, text: str) -> list[int]:
+    async def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool | None = None,
+                       param: str = "prompt") -> list[int]:
         """Tokenize off the event loop (a long prompt takes a while). Control-token text stays plain text
-        unless the server allows special tokens. A text too long for the context whatever its tokens is
-        refused first, without tokenizing it."""
+        unless the server allows special tokens (``parse_special`` None) or the caller says. A text too long for
+        the context whatever its tokens is refused first, without tokenizing it."""
         try:
             n_bytes = len(text.encode("utf-8"))
         except UnicodeEncodeError as exc:
-            raise bad_request("the prompt is not valid Unicode (it holds a lone surrogate)", param="prompt",
+            raise bad_request(f"the {param} is not valid Unicode (it holds a lone surrogate)", param=param,
                               code="invalid_value") from exc
-        refuse_oversized(n_bytes, await self.vocab_facts(), self.engine.slot_ctx)
+        refuse_oversized(n_bytes, await self.vocab_facts(), self.engine.slot_ctx, param=param)
+        special = self.settings.allow_special_tokens if parse_special is None else parse_special
         try:
-            return await asyncio.to_thread(self.engine.tokenize, text,
-                                           parse_special=self.settings.allow_special_tokens)
+            return await asyncio.to_thread(self.engine.tokenize, text, add_special=add_special,
+                                           parse_special=special)
         except EngineNotReady as exc:
             raise unavailable(str(exc)) from exc
 
     async def chat_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
                           ) -> list[int]:
-        """The chat prompt rendered with the model's template and tokenized (off the event loop)."""
+        """The chat prompt rendered with the model's template and tokenized (off the event loop). What the
+        messages hold is checked first; the rendering (tool definitions and calls included) is refused before it
+        is tokenized when it could not fit in a slot's context."""
         for i, message in enumerate(messages):
             try:
                 (message.get("content") or "").encode("utf-8")
             except UnicodeEncodeError as exc:
                 raise bad_request("message content is not valid Unicode (it holds a lone surrogate)",
                                   param=f"messages.{i}.content", code="invalid_value") from exc
+        facts = await self.vocab_facts()
         contents = (message.get("content") for message in messages)
-        refuse_oversized(sum(len(c.encode("utf-8")) for c in contents if isinstance(c, str)),
-                         await self.vocab_facts(), self.engine.slot_ctx, param="messages")
+        refuse_oversized(sum(len(c.encode("utf-8")) for c in contents if isinstance(c, str)), facts,
+                         self.engine.slot_ctx, param="messages")
         formatter = self.chat_formatter()
+        # No token covers more than the longest token's bytes (and a character is at least one byte).
+        max_chars = self.engine.slot_ctx * facts.longest_token_bytes
         try:
-            return await asyncio.to_thread(formatter.tokenize, messages, tools)
+            return await asyncio.to_thread(formatter.tokenize, messages, tools, max_chars=max_chars)
+        except TemplateBudgetExceeded as exc:
+            raise bad_request(f"the chat prompt is too large or the chat template too costly: {exc}",
+                              param="messages", code="context_length_exceeded") from exc
         except ChatTemplateError as exc:
             raise bad_request(str(exc), param="messages", code="invalid_chat") from exc
 
     def chat_formatter(self) -> ChatFormatter:
+        """The model's chat template, compiled and tried on a canary conversation once; a template that fails
+        either is refused on every request from then on, without compiling it again."""
+        if self._chat_error is not None:
+            raise self._chat_error
         if self._chat is None:
             model = self.engine.model
             if model is None or self.engine.state is not EngineState.READY:
@@ -91,8 +113,24 @@ class GenerationService:
             if not template:
                 raise bad_request("this model has no chat template; set CHAT_TEMPLATE or use /v1/completions",
                                   param="messages", code="no_chat_template")
-            self._chat = ChatFormatter(template, model)
+            try:
+                formatter = ChatFormatter(template, model)
+                formatter.check()
+            except ChatTemplateError as exc:
+                log.error("the chat template is refused: %s", exc)
+                self._chat_error = APIError(500, f"the chat template is refused: {exc}", type="server_error",
+                                            param="messages", code="invalid_chat_template")
+                raise self._chat_error from exc
+            self._chat = formatter
         return self._chat
+
+    async def load_chat_template(self) -> None:
+        """Compile and try the chat template once the model is loaded (off the event loop), so a hostile one is
+        refused and logged at start, not on a user's first request."""
+        try:
+            await asyncio.to_thread(self.chat_formatter)
+        except APIError:
+            pass  # logged, and answered on every chat request
 
     async def check_grammar(self, grammar: str, param: str) -> None:
         """A 400 for a grammar llama.cpp cannot parse (its log says where), before the request takes a slot."""
@@ -100,15 +138,22 @@ class GenerationService:
         if model is None or self.engine.state is not EngineState.READY:
             raise unavailable(self.engine.not_ready_reason())
         if not await asyncio.to_thread(grammar_parses, model.vocab, grammar):
-            raise bad_request("the grammar does not parse (GBNF; see llama.cpp's grammars/README.md)", param=param,
-                              code="invalid_grammar")
+            raise bad_request("the grammar does not parse, or is too ambiguous (its start expands to more than "
+                              f"{GRAMMAR_MAX_STACKS} parse stacks); GBNF: see llama.cpp's grammars/README.md",
+                              param=param, code="invalid_grammar")
 
-    def _check_token_ids(self, tokens: list[int]) -> list[int]:
+    async def _check_token_ids(self, tokens: list[int], rendered: bool) -> list[int]:
+        """A token-id prompt: every id in the vocabulary, and no control token from a client (forged turns) unless
+        the server allows them. ``rendered``: the server's own chat rendering, whose markers are control tokens."""
         n_vocab = self.engine.model.n_vocab if self.engine.model is not None else 0
         bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
         if bad is not None:
             raise bad_request(f"token id {bad} is outside the vocabulary (0..{n_vocab - 1})", param="prompt",
                               code="invalid_value")
+        if not rendered and not self.settings.allow_special_tokens:
+            forged = refuse_control_tokens(tokens, await self.vocab_facts())
+            if forged is not None:
+                raise forged
         return list(tokens)
 
     async def build(
@@ -125,8 +170,11 @@ class GenerationService:
         ignore_eos: bool = False,
         grammar_param: str = "grammar",
         speculative: bool | None = None,
+        rendered: bool = False,
     ) -> GenerationRequest:
-        """Tokenize and check a request against the limits and the context, before it takes a slot."""
+        """Tokenize and check a request against the limits and the context, before it takes a slot: the one
+        admission every generation route goes through. ``rendered``: ``prompt`` is the server's own chat
+        rendering (its control tokens are the template's), not a client's token ids."""
         if sampling.grammar is not None:
             await self.check_grammar(sampling.grammar, grammar_param)
         if max_tokens is not None and max_tokens > self.settings.max_tokens_limit:
@@ -134,7 +182,8 @@ class GenerationService:
                 f"{max_tokens_param} is {max_tokens}; this server allows at most {self.settings.max_tokens_limit}",
                 param=max_tokens_param, code="invalid_value",
             )
-        tokens = await self.tokenize(prompt) if isinstance(prompt, str) else self._check_token_ids(prompt)
+        tokens = (await self.tokenize(prompt) if isinstance(prompt, str)
+                  else await self._check_token_ids(prompt, rendered))
         if not tokens:
             raise bad_request("the prompt is empty", param="prompt", code="invalid_value")
         n_ctx = self.engine.slot_ctx

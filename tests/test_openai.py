@@ -10,7 +10,7 @@ import openai
 import pytest
 from llama_cpp import Llama
 
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, start_server, stop_server
 
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
 MESSAGES = [
@@ -90,13 +90,18 @@ def test_chat_prompt_is_rendered_with_the_gguf_template(live_server: LiveServer,
     assert tokens[0] == 1  # <|im_start|> is one control token, not text
 
 
-def test_chat_answer_equals_generate_on_the_rendered_prompt(
-    client: openai.OpenAI, http: httpx.Client, vocab: Llama
-) -> None:
-    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=100, temperature=0)  # type: ignore[arg-type]
-    tokens = vocab.tokenize(SMOLLM2_RENDERED.encode(), add_bos=False, special=True)
-    # /generate takes these control-token ids; /v1/completions refuses them unless ALLOW_SPECIAL_TOKENS.
-    native = http.post("/generate", json={"prompt": tokens, "max_length": 100, "temperature": 0}).json()
+def test_chat_answer_equals_generate_on_the_rendered_prompt(tmp_path: Path, vocab: Llama) -> None:
+    # Token-id prompts with control tokens are refused on every route unless ALLOW_SPECIAL_TOKENS: this server
+    # allows them, so /generate can be given the chat's own rendering.
+    server = start_server(tmp_path, "--allow-special-tokens")
+    try:
+        with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
+            chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=100, temperature=0)  # type: ignore[arg-type]
+        tokens = vocab.tokenize(SMOLLM2_RENDERED.encode(), add_bos=False, special=True)
+        native = httpx.post(server.url + "/generate", json={"prompt": tokens, "max_length": 100, "temperature": 0},
+                            timeout=120).json()
+    finally:
+        stop_server(server)
     answer = chat.choices[0].message.content
     assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
     assert answer == native["text"]

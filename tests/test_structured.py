@@ -52,16 +52,20 @@ def test_parse_with_a_pydantic_model_succeeds_20_of_20(client: openai.OpenAI) ->
 
 
 def test_json_object_output_parses(client: openai.OpenAI) -> None:
-    finished = 0
+    """What the grammar guarantees, at any temperature: the answer is a JSON object, whole when it finished. What a
+    135M model samples at 0.7 or 1.0 (whether it closes the object within the budget) is not the test's business;
+    greedy, asked to copy a small object, it does."""
+    prompt = 'Reply with exactly this JSON object and nothing else: {"colour": "red"}'
     for temperature in (0.0, 0.7, 1.0):
         reply = client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "List three colours."}],
-            response_format={"type": "json_object"}, temperature=temperature, max_tokens=300, seed=3)
-        if reply.choices[0].finish_reason == "length":
-            continue  # a cut object need not parse; test_a_cut_structured_answer_says_length covers that case
-        finished += 1
-        assert isinstance(json.loads(reply.choices[0].message.content or ""), dict)
-    assert finished >= 2
+            model=MODEL, messages=[{"role": "user", "content": prompt}],
+            response_format={"type": "json_object"}, temperature=temperature, max_tokens=100, seed=3)
+        content = reply.choices[0].message.content or ""
+        assert content.startswith("{"), content
+        if temperature == 0.0:
+            assert reply.choices[0].finish_reason == "stop", content
+        if reply.choices[0].finish_reason == "stop":
+            assert isinstance(json.loads(content), dict)
 
 
 def test_a_cut_structured_answer_says_length(client: openai.OpenAI) -> None:
@@ -286,21 +290,18 @@ def idle(http: httpx.Client) -> None:
     raise AssertionError(f"the engine is still busy: {ready}")
 
 
-def test_more_choices_than_slots_and_queue_hold_are_refused_whole(client: openai.OpenAI, http: httpx.Client) -> None:
-    # The live server holds 4 running + 4 waiting requests; 16 choices cannot all be taken.
+def test_more_choices_than_slots_are_refused_whole(client: openai.OpenAI, http: httpx.Client) -> None:
+    # The live server decodes 4 sequences at once: 16 choices would take every slot and queue place.
     long = [{"role": "system", "content": "Answer in one short sentence, please. " * 8},
             {"role": "user", "content": "Name a colour."}]
-    with pytest.raises(openai.RateLimitError):
+    with pytest.raises(openai.BadRequestError, match="at most 4 sequences"):
         client.chat.completions.create(model=MODEL, messages=long, max_tokens=4, n=16)  # type: ignore[arg-type]
+    streamed = http.post("/v1/chat/completions", json={"model": MODEL, "messages": long, "max_tokens": 4, "n": 16,
+                                                       "stream": True})
+    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "n"  # before the stream begins
     idle(http)
-    with http.stream("POST", "/v1/chat/completions", json={"model": MODEL, "messages": long, "max_tokens": 4,
-                                                           "n": 16, "stream": True}) as resp:
-        data = [line[5:].strip() for line in resp.iter_lines() if line.startswith("data:")]
-    assert data[-1] == "[DONE]"
-    assert any('"error"' in d and "busy" in d for d in data)
-    idle(http)
-    ok = client.chat.completions.create(model=MODEL, messages=long, max_tokens=4, n=2)  # type: ignore[arg-type]
-    assert len(ok.choices) == 2  # and everything was given back
+    ok = client.chat.completions.create(model=MODEL, messages=long, max_tokens=4, n=4)  # type: ignore[arg-type]
+    assert len(ok.choices) == 4  # as many as the slots
 
 
 def test_n_choices_stream_interleaved_with_their_index(client: openai.OpenAI) -> None:

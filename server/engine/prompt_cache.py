@@ -5,7 +5,9 @@ would throw them away, and a user coming back to that conversation would pay its
 llama.cpp's own ``llama-server`` keeps such cells in host memory (``--cache-ram``); so does this: before a slot
 is given to another prompt, its cells are serialized (``llama_state_seq_get_data``) into this cache, and a new
 request whose prompt shares enough more with an entry than with any slot (:func:`worth_restoring`) gets them
-back (``llama_state_seq_set_data``). Bounded in bytes, least recently stored entries go first.
+back (``llama_state_seq_set_data``). Bounded in bytes. When room is needed, the scope holding the most bytes
+gives up its oldest entry first: one tenant (API key) that floods the cache evicts its own entries, not everyone
+else's, and with a single scope that is plain least-recently-stored.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class PromptCache:
         self.limit_bytes = limit_bytes
         self._entries: OrderedDict[int, Entry] = OrderedDict()  # oldest first
         self.bytes = 0
+        self._scope_bytes: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -60,11 +63,20 @@ class PromptCache:
             if e.scope == scope and len(e.tokens) <= len(tokens) and tokens[:len(e.tokens)] == e.tokens:
                 self._drop(key)
         while self._entries and self.bytes + len(data) > self.limit_bytes:
-            self._drop(next(iter(self._entries)))
+            self._drop(self._victim(scope))
         entry = Entry(tokens, scope, data)
         self._entries[id(entry)] = entry
         self.bytes += len(data)
+        self._scope_bytes[scope] = self._scope_bytes.get(scope, 0) + len(data)
         return True
+
+    def scope_bytes(self, scope: str) -> int:
+        return self._scope_bytes.get(scope, 0)
+
+    def _victim(self, inserting: str) -> int:
+        """The oldest entry of the scope holding the most bytes (the inserting scope on a tie)."""
+        largest = max(self._scope_bytes, key=lambda sc: (self._scope_bytes[sc], sc == inserting))
+        return next(key for key, e in self._entries.items() if e.scope == largest)
 
     def best(self, prompt: Sequence[int], scope: str) -> tuple[Entry | None, int]:
         """The entry sharing the longest prefix with ``prompt`` (same scope), and that length."""
@@ -82,4 +94,10 @@ class PromptCache:
         self._drop(id(entry))
 
     def _drop(self, key: int) -> None:
-        self.bytes -= len(self._entries.pop(key).data)
+        entry = self._entries.pop(key)
+        self.bytes -= len(entry.data)
+        left = self._scope_bytes[entry.scope] - len(entry.data)
+        if left:
+            self._scope_bytes[entry.scope] = left
+        else:
+            del self._scope_bytes[entry.scope]

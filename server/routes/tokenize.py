@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 
-from server.deps import ServiceDep, require_api_key
+from server.deps import ServiceDep
 from server.engine.core import EngineState
 from server.engine.llama import LlamaModel
 from server.errors import ERROR_RESPONSES, bad_request, unavailable
 from server.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse, TokenPiece
 from server.serving import GenerationService
 
-router = APIRouter(tags=["tokenize"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["tokenize"])
 
 
 def _model(service: GenerationService) -> LlamaModel:
@@ -34,16 +34,14 @@ def _piece(model: LlamaModel, token: int) -> str | list[int]:
 @router.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES,
              summary="Tokenize text with the served model's vocabulary")
 async def tokenize(body: TokenizeRequest, service: ServiceDep) -> TokenizeResponse:
+    """Admitted as a prompt is (a text that cannot fit in a slot's context is refused before it is tokenized);
+    tokenizing and building the pieces run off the event loop."""
     model = _model(service)
-    try:
-        body.content.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise bad_request("content is not valid Unicode (it holds a lone surrogate)", param="content",
-                          code="invalid_value") from exc
-    tokens = await asyncio.to_thread(model.tokenize, body.content, add_special=body.add_special,
-                                     parse_special=body.parse_special)
+    tokens = await service.tokenize(body.content, add_special=body.add_special, parse_special=body.parse_special,
+                                    param="content")
     if body.with_pieces:
-        return TokenizeResponse(tokens=[TokenPiece(id=t, piece=_piece(model, t)) for t in tokens])
+        pieces = await asyncio.to_thread(lambda: [TokenPiece(id=t, piece=_piece(model, t)) for t in tokens])
+        return TokenizeResponse(tokens=pieces)
     return TokenizeResponse(tokens=tokens)
 
 
@@ -51,6 +49,10 @@ async def tokenize(body: TokenizeRequest, service: ServiceDep) -> TokenizeRespon
              summary="Turn token ids back into text")
 async def detokenize(body: DetokenizeRequest, service: ServiceDep) -> DetokenizeResponse:
     model = _model(service)
+    limit = service.engine.slot_ctx
+    if len(body.tokens) > limit:
+        raise bad_request(f"{len(body.tokens)} tokens given; at most {limit} (a slot's context) are detokenized at "
+                          "once", param="tokens", code="context_length_exceeded")
     bad = next((t for t in body.tokens if not 0 <= t < model.n_vocab), None)
     if bad is not None:
         raise bad_request(f"token id {bad} is outside the vocabulary (0..{model.n_vocab - 1})", param="tokens",
