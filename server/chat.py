@@ -20,6 +20,9 @@ from typing import Any
 
 import jinja2
 import jinja2.meta
+from jinja2 import nodes
+from jinja2.compiler import CodeGenerator, Frame
+from jinja2.runtime import Namespace
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from server.engine.llama import LlamaModel
@@ -82,17 +85,42 @@ class _Budget:
             raise TemplateBudgetExceeded(f"the chat template asked for {value}; at most {self.max_chars}")
 
 
+class _BudgetedCodeGenerator(CodeGenerator):
+    """Jinja's code generator, but ``a ~ b`` joins through the environment, which checks the result's size
+    before building it (``{% set s = s ~ s %}`` forty times would otherwise build 2**40 characters)."""
+
+    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
+        if frame.eval_ctx.volatile or frame.eval_ctx.autoescape:
+            super().visit_Concat(node, frame)
+            return
+        self.write("environment.join_budgeted((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+
 class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
-    """Jinja's immutable sandbox, with every hook it offers (binary operators, calls, lookups, filters, ``range``)
-    charged to the budget of the render in progress on this thread."""
+    """Jinja's immutable sandbox, with every hook it offers (binary operators, calls, lookups, filters, ``range``,
+    ``namespace`` assignments, ``~``) charged to the budget of the render in progress on this thread."""
 
     intercepted_binops = frozenset({"*", "**", "+", "%"})
+    code_generator_class = _BudgetedCodeGenerator
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self._local = threading.local()
         self.globals["range"] = self._range
+        self.globals["namespace"] = self._namespace
         self.filters = {name: self._budgeted(f) for name, f in self.filters.items()}
+
+    def join_budgeted(self, values: tuple[Any, ...]) -> str:
+        parts = [str(v) for v in values]
+        self.budget().length(sum(len(p) for p in parts))
+        return "".join(parts)
+
+    def _namespace(self, *args: Any, **kwargs: Any) -> Namespace:
+        return _BudgetedNamespace(self, *args, **kwargs)
 
     def budget(self) -> _Budget:
         budget: _Budget | None = getattr(self._local, "budget", None)
@@ -142,6 +170,7 @@ class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
         budget.tick()
         for a in (*args, *kwargs.values()):
             budget.count(a)
+            budget.size(a)  # a macro called with a doubled string, and so on down a recursion
         return budget.size(super().call(__context, __obj, *args, **kwargs))
 
     def getitem(self, obj: Any, argument: Any) -> Any:
@@ -151,6 +180,19 @@ class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
     def getattr(self, obj: Any, attribute: str) -> Any:
         self.budget().tick()
         return super().getattr(obj, attribute)
+
+
+class _BudgetedNamespace(Namespace):
+    """``namespace()``, whose assignments (``{% set ns.s = ns.s ~ ns.s %}`` in a loop) are charged to the budget."""
+
+    def __init__(self, env: _BudgetedEnvironment, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        object.__setattr__(self, "_env", env)  # beside Namespace's own __attrs, out of the template's reach
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        budget = object.__getattribute__(self, "_env").budget()
+        budget.tick()
+        super().__setitem__(name, budget.size(value))
 
 
 class _Rendering:

@@ -25,6 +25,9 @@ HOSTILE = {
     "doubling in a macro": "{% macro d(s, n) %}{% if n %}{{ d(s ~ s, n - 1) }}{% else %}{{ s|length }}{% endif %}"
                            "{% endmacro %}{{ d('ab', 40) }}",
     "an output loop": "{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}",
+    "doubling by ~": "{% set s = 'ab' %}" + "{% set s = s ~ s %}" * 45 + "{{ s|length }}",
+    "doubling in a namespace": "{% set ns = namespace(s='ab') %}{% for i in range(45) %}{% set ns.s = ns.s ~ ns.s %}"
+                               "{% endfor %}{{ ns.s|length }}",
 }
 
 
@@ -49,6 +52,13 @@ def test_the_models_own_template_passes_and_renders_as_before(model: LlamaModel)
     formatter.check()
     rendered = formatter.render([{"role": "user", "content": "Hi"}])
     assert rendered.startswith("<|im_start|>") and rendered.endswith("<|im_start|>assistant\n")
+
+
+def test_namespaces_and_joins_still_work(model: LlamaModel) -> None:
+    template = ("{% set ns = namespace(n=0, text='') %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
+                "{% set ns.text = ns.text ~ m['content'] ~ '|' %}{% endfor %}{{ ns.n }}:{{ ns.text }}")
+    formatter = ChatFormatter(template, model)
+    assert formatter.render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]) == "2:a|b|"
 
 
 def test_a_template_that_refuses_a_canary_itself_is_not_at_fault(model: LlamaModel) -> None:
