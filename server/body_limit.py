@@ -21,9 +21,9 @@ class BodyLimitMiddleware:
         self.app = app
         self.max_bytes = max_bytes
 
-    async def _reject(self, send: Send) -> None:
+    async def _reject(self, send: Send, path: str) -> None:
         await send_error(send, 413, f"request body larger than {self.max_bytes} bytes", code="body_too_large",
-                         close=True)
+                         close=True, path=path)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -31,7 +31,7 @@ class BodyLimitMiddleware:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(send)
+            await self._reject(send, scope["path"])
             return
         seen = 0
         started = False
@@ -47,7 +47,7 @@ class BodyLimitMiddleware:
                 if seen > self.max_bytes:
                     if not started:
                         started = rejected = True
-                        await self._reject(send)
+                        await self._reject(send, scope["path"])
                     raise BodyTooLarge
             return message
 

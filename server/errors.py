@@ -1,10 +1,14 @@
-"""One error envelope for every route: ``{"error": {"message", "type", "param", "code"}}`` (OpenAI's shape)."""
+"""One error envelope per dialect: ``{"error": {"message", "type", "param", "code"}}`` (OpenAI's shape) on every
+route but Anthropic's Messages routes, which answer ``{"type": "error", "error": {"type", "message"}}``, the shape
+its SDK and Claude Code read. :func:`error_body` is the one place that chooses, for the exception handlers and for
+the middleware that answers before any route (:func:`send_error`)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import re
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -59,18 +63,43 @@ class APIError(Exception):
             headers = {**(headers or {}), "Retry-After": str(RETRY_AFTER_S[status_code])}
         self.headers = headers
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(
-            ErrorResponse(error=self.detail).model_dump(), status_code=self.status_code, headers=self.headers
-        )
+    def response(self, path: str = "") -> JSONResponse:
+        """The error's answer on the route at ``path`` (its dialect's envelope)."""
+        return JSONResponse(error_body(self.status_code, self.detail, path), status_code=self.status_code,
+                            headers=self.headers)
+
+
+# Anthropic's Messages API (server/api/anthropic/): its routes, and its error types by HTTP status.
+ANTHROPIC_PATH = "/v1/messages"
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                    500: "api_error", 503: "overloaded_error", 529: "overloaded_error"}
+
+
+def is_anthropic_path(path: str) -> bool:
+    return path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/")
+
+
+def anthropic_error_type(status: int) -> str:
+    """Anthropic's ``error.type`` for an HTTP status (its SDK picks the exception class by the status)."""
+    return _ANTHROPIC_TYPES.get(status, "invalid_request_error" if 400 <= status < 500 else "api_error")
+
+
+def error_body(status: int, detail: ErrorDetail, path: str = "") -> dict[str, Any]:
+    """The error envelope of the route at ``path``: Anthropic's on its Messages routes, OpenAI's everywhere
+    else."""
+    if is_anthropic_path(path):
+        return {"type": "error", "error": {"type": anthropic_error_type(status), "message": detail.message}}
+    return ErrorResponse(error=detail).model_dump()
 
 
 async def send_error(send: Send, status: int, message: str, *, type: str = "invalid_request_error",
                      code: str | None = None, close: bool = False,
-                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    """The error envelope sent straight through ASGI, for middleware that answers before any route."""
-    body = json.dumps(ErrorResponse(error=ErrorDetail(message=safe_text(message), type=type, code=code))
-                      .model_dump()).encode()
+                     headers: list[tuple[bytes, bytes]] | None = None, path: str = "") -> None:
+    """The error envelope of the route at ``path`` sent straight through ASGI, for middleware that answers
+    before any route."""
+    body = json.dumps(error_body(status, ErrorDetail(message=safe_text(message), type=type, code=code), path)
+                      ).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                *(headers or [])]
     if close:
@@ -137,7 +166,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
 def _answer(request: Request, exc: APIError) -> JSONResponse:
     """The error's response; its code is left in the request's state for the metrics and the log line."""
     request.state.error_code = exc.detail.code or exc.detail.type
-    return exc.response()
+    return exc.response(request.url.path)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -158,6 +187,6 @@ def install_error_handlers(app: FastAPI) -> None:
         ))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return APIError(500, "internal server error", type="server_error").response()
+        return APIError(500, "internal server error", type="server_error").response(request.url.path)

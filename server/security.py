@@ -76,7 +76,7 @@ class ApiKeyMiddleware:
             found = self.checker.scope_of(dict(scope["headers"]))
             if found is None and not self.public(scope):
                 await send_error(send, 401, UNAUTHORIZED, type="authentication_error", code="invalid_api_key",
-                                 headers=[(b"www-authenticate", b"Bearer")])
+                                 headers=[(b"www-authenticate", b"Bearer")], path=scope["path"])
                 return
             scope.setdefault("state", {})["key_scope"] = found or ""
         await self.app(scope, receive, send)
@@ -176,14 +176,14 @@ class BrowserGuardMiddleware:
         host = headers.get(b"host", b"").decode("latin-1")
         if scope["path"] not in PROBE_PATHS and not host_allowed(host, self.allowed_hosts):
             await send_error(send, 400, "this Host header is not served here; set ALLOWED_HOSTS to the names "
-                             "clients use", code="invalid_host")
+                             "clients use", code="invalid_host", path=scope["path"])
             return
         origin = headers.get(b"origin")
         if origin is not None and scope["method"] not in SAFE_METHODS and "*" not in self.cors_origins:
             media_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
             if media_type != b"application/json" and origin.decode("latin-1") not in self.cors_origins:
                 await send_error(send, 403, "a cross-origin request must send Content-Type: application/json",
-                                 type="permission_error", code="cross_origin_refused")
+                                 type="permission_error", code="cross_origin_refused", path=scope["path"])
                 return
         await self.app(scope, receive, send)
 
