@@ -14,6 +14,7 @@ from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 
 from server import __version__
+from server.api.anthropic import router as anthropic
 from server.body_limit import BodyLimitMiddleware
 from server.docs import ASSETS_URL, assets_dir, docs_urls, install_docs
 from server.engine.core import Engine, EngineState
@@ -112,6 +113,7 @@ def create_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = N
     install_error_handlers(app)
     app.include_router(native.router)
     app.include_router(openai.router)
+    app.include_router(anthropic.router)
     app.include_router(tokenize.router)
     app.include_router(ops.router)
     install_docs(app, docs_assets)

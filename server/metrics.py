@@ -28,7 +28,8 @@ _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 # Outcomes the engine records for requests that never took a slot; all others are finish reasons.
 REFUSALS = frozenset({"rejected", "queue_timeout"})
 # Routes counted by llama_http_requests_total (the API; probes and the playground's files are not).
-API_ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize")
+API_ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/messages",
+              "/v1/messages/count_tokens", "/tokenize", "/detokenize")
 
 
 class _OutcomeCounter:

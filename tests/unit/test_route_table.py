@@ -28,7 +28,8 @@ def client() -> TestClient:
 
 def test_the_description_has_the_api_and_the_operations() -> None:
     closed = {path for _, path, public in OPERATIONS if not public}
-    assert {"/generate", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"} <= closed
+    assert {"/generate", "/v1/completions", "/v1/chat/completions", "/v1/messages", "/v1/messages/count_tokens",
+            "/tokenize", "/detokenize"} <= closed
     assert {path for _, path, public in OPERATIONS if public} == {"/health", "/ready", "/metrics", "/info"}
 
 
@@ -37,7 +38,11 @@ def test_every_api_route_refuses_a_request_without_the_key(client: TestClient, m
     url = re.sub(r"\{[^}]+\}", "x", path)
     resp = client.request(method, url, content=b"{not json")
     assert resp.status_code == 401, resp.text  # not 400: the body was never parsed
-    assert resp.json()["error"]["code"] == "invalid_api_key" and resp.headers["www-authenticate"] == "Bearer"
+    if path.startswith("/v1/messages"):  # Anthropic's routes answer in Anthropic's envelope
+        assert resp.json()["error"]["type"] == "authentication_error" and resp.json()["type"] == "error"
+    else:
+        assert resp.json()["error"]["code"] == "invalid_api_key"
+    assert resp.headers["www-authenticate"] == "Bearer"
     assert client.request(method, url, headers={"Authorization": "Bearer " + KEY[:-1]}).status_code == 401
     # With the key the route is reached: whatever it answers (no model is loaded here), it is not 401.
     assert client.request(method, url, content=b"{not json", headers={"X-API-Key": KEY}).status_code != 401
