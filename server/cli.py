@@ -94,6 +94,20 @@ def settings_flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def configuration_markdown() -> str:
+    """docs/configuration.md: every setting, from the fields themselves (a test fails when the file is stale;
+    `make docs` writes it)."""
+    rows = ["# Configuration", "",
+            "Every setting of `llama-inference serve`, as an environment variable and a flag (the flag wins). This "
+            "file is generated from `server/settings.py` by `make docs`; a test fails when it is stale.", "",
+            "| Variable | Flag | Default | What it does |", "|---|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = "the CPUs this process may use" if name == "n_threads" else _default_text(name)
+        text = " ".join((field.description or "").split()).replace("|", "\\|")
+        rows.append(f"| `{name.upper()}` | `{settings_flag(name)}` | {default.replace('|', chr(92) + '|')} | {text} |")
+    return "\n".join(rows) + "\n"
+
+
 def add_settings_flags(parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
     """One flag per settings field, e.g. ``model_path`` -> ``--model-path`` (environment: ``MODEL_PATH``).
 
