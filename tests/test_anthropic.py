@@ -159,10 +159,12 @@ def test_tool_use_round_trip(client: anthropic.Anthropic) -> None:
     before = client.messages.count_tokens(model=MODEL, messages=WEATHER_ASK, tools=TOOLS).input_tokens  # type: ignore[arg-type]
     after = client.messages.count_tokens(model=MODEL, messages=history, tools=TOOLS).input_tokens  # type: ignore[arg-type]
     assert after > before + 10
-    answer = client.messages.create(model=MODEL, max_tokens=60, extra_body=GREEDY, messages=history, tools=TOOLS,  # type: ignore[arg-type]
-                                    tool_choice={"type": "none"})
+    with client.messages.stream(model=MODEL, max_tokens=60, extra_body=GREEDY, messages=history, tools=TOOLS,  # type: ignore[arg-type]
+                                tool_choice={"type": "none"}) as stream:
+        text = "".join(stream.text_stream)
+        answer = stream.get_final_message()
     [block] = answer.content
-    assert block.type == "text" and block.text.strip()
+    assert block.type == "text" and block.text == text and text.strip()
     assert answer.stop_reason in ("end_turn", "max_tokens")
 
 
