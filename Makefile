@@ -28,7 +28,7 @@ system-deps:
 	fi
 
 # Re-run when the pins or the build recipe change.
-$(VENV)/.installed: pyproject.toml scripts/build-llama-cpp-wheel.sh Makefile
+$(VENV)/.installed: pyproject.toml scripts/build-llama-cpp-wheel.sh $(wildcard scripts/patches/*.patch) Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	PYTHON=$(BIN)/python scripts/build-llama-cpp-wheel.sh
