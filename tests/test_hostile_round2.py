@@ -191,7 +191,11 @@ def test_a_ten_million_repeat_pattern_is_refused_at_once(server: LiveServer) -> 
 
 # ---- 4. clients that never read ----
 
-def test_clients_that_never_read_are_cut_off_and_the_probes_answer_meanwhile(server: LiveServer) -> None:
+def test_clients_that_never_read_are_closed_in_bounded_time_and_the_probes_answer_meanwhile(server: LiveServer
+                                                                                           ) -> None:
+    """The bundle (1.5 MB) fits the kernel's send buffer on loopback, so these connections end by the header
+    deadline once their answer is written; the write timeout itself is the next test's (a stream far larger
+    than the buffers)."""
     host, port = server.url.removeprefix("http://").split(":")
     sockets = []
     try:
@@ -208,8 +212,8 @@ def test_clients_that_never_read_are_cut_off_and_the_probes_answer_meanwhile(ser
         assert httpx.get(server.url + "/health", timeout=5).status_code == 200
         assert httpx.get(server.url + "/ready", timeout=5).status_code == 200
         assert time.monotonic() - start < 1.0
-        # Past the write timeout the stalled connections are aborted, and the room is free again.
-        deadline = time.monotonic() + WRITE_TIMEOUT_S + 10
+        # The stalled connections are closed (the header deadline, 10 s, or the write timeout), and the room is free.
+        deadline = time.monotonic() + WRITE_TIMEOUT_S + 15
         while httpx.get(server.url + "/v1/models", headers=AUTH, timeout=10).status_code != 200:
             assert time.monotonic() < deadline, "stalled connections still hold the server's room"
             time.sleep(0.2)
