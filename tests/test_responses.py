@@ -105,6 +105,18 @@ def _check_order(events: list[Any]) -> None:
     final = events[-1].response
     item_ids = {e.item.id for e in events if e.type == "response.output_item.added"}
     assert {item.id for item in final.output} == item_ids
+    for item in final.output:  # each item's own events: opened, filled, closed
+        own = [e.type for e in events if getattr(e, "item_id", None) == item.id
+               or getattr(getattr(e, "item", None), "id", None) == item.id]
+        if item.type == "message":
+            assert own[:2] == ["response.output_item.added", "response.content_part.added"]
+            assert own[-3:] == ["response.output_text.done", "response.content_part.done",
+                                "response.output_item.done"]
+            assert set(own[2:-3]) <= {"response.output_text.delta"}
+        else:
+            assert own[0] == "response.output_item.added" and own[-2:] == [
+                "response.function_call_arguments.done", "response.output_item.done"]
+            assert set(own[1:-2]) <= {"response.function_call_arguments.delta"}
 
 
 # ---- responses.create ----
