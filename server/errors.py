@@ -1,7 +1,8 @@
 """One error envelope per dialect: ``{"error": {"message", "type", "param", "code"}}`` (OpenAI's shape) on every
 route but Anthropic's Messages routes, which answer ``{"type": "error", "error": {"type", "message"}}``, the shape
-its SDK and Claude Code read. :func:`error_body` is the one place that chooses, for the exception handlers and for
-the middleware that answers before any route (:func:`send_error`)."""
+its SDK and Claude Code read, and Ollama's ``/api/*``, which answer ``{"error": "message"}``. :func:`error_body` is
+the one place that chooses, for the exception handlers and for the middleware that answers before any route
+(:func:`send_error`)."""
 
 from __future__ import annotations
 
@@ -85,9 +86,15 @@ def anthropic_error_type(status: int) -> str:
     return _ANTHROPIC_TYPES.get(status, "invalid_request_error" if 400 <= status < 500 else "api_error")
 
 
+# Ollama's native API (server/api/ollama/): its routes' prefix.
+OLLAMA_PREFIX = "/api/"
+
+
 def error_body(status: int, detail: ErrorDetail, path: str = "") -> dict[str, Any]:
-    """The error envelope of the route at ``path``: Anthropic's on its Messages routes, OpenAI's everywhere
-    else."""
+    """The error envelope of the route at ``path``: Anthropic's on its Messages routes, Ollama's on ``/api/*``,
+    OpenAI's everywhere else."""
+    if path.startswith(OLLAMA_PREFIX):
+        return {"error": detail.message}
     if is_anthropic_path(path):
         return {"type": "error", "error": {"type": anthropic_error_type(status), "message": detail.message}}
     return ErrorResponse(error=detail).model_dump()

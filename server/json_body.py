@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-JSON_PREFIXES = ("/generate", "/v1/", "/tokenize", "/detokenize")
+# /api/: Ollama's clients send JSON without a content type at times.
+JSON_PREFIXES = ("/generate", "/v1/", "/tokenize", "/detokenize", "/api/")
 
 
 class JsonBodyMiddleware:

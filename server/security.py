@@ -83,16 +83,19 @@ class ApiKeyMiddleware:
 
 
 class PublicPaths:
-    """The paths that answer without a key: exact paths (the operations router's, the playground's, the docs')
-    and the prefixes of static mounts. Anything else, a route added later or a path no route serves, needs one."""
+    """The paths that answer without a key: exact paths (the operations router's, the playground's, the docs'),
+    the prefixes of static mounts, and (method, path) pairs (Ollama's probe, ``HEAD /``). Anything else, a route
+    added later or a path no route serves, needs one."""
 
-    def __init__(self, exact: set[str], prefixes: tuple[str, ...]) -> None:
+    def __init__(self, exact: set[str], prefixes: tuple[str, ...],
+                 methods: frozenset[tuple[str, str]] = frozenset()) -> None:
         self.exact = frozenset(exact)
         self.prefixes = prefixes
+        self.methods = methods
 
     def __call__(self, scope: Scope) -> bool:
         path = scope["path"]
-        return path in self.exact or path.startswith(self.prefixes)
+        return path in self.exact or path.startswith(self.prefixes) or (scope["method"], path) in self.methods
 
 
 def _trusted(client: str, proxies: list[str]) -> bool:

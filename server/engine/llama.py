@@ -124,6 +124,27 @@ class LlamaModel:
             llama_cpp.llama_model_meta_val_str(self._ptr, key.encode(), buf, len(buf))
         return buf.value.decode("utf-8", "replace")
 
+    def metadata(self) -> dict[str, str]:
+        """The GGUF's metadata as llama.cpp keeps it: every scalar key, as text (arrays, the vocabulary among
+        them, are not kept)."""
+        out: dict[str, str] = {}
+        buf = ctypes.create_string_buffer(256)
+        for i in range(llama_cpp.llama_model_meta_count(self._ptr)):
+            if llama_cpp.llama_model_meta_key_by_index(self._ptr, i, buf, len(buf)) < 0:
+                continue
+            key = buf.value.decode("utf-8", "replace")
+            value = self.meta(key)
+            if value is not None:
+                out[key] = value
+        return out
+
+    def missing_fim_tokens(self) -> list[str]:
+        """The GGUF keys of the fill-in-the-middle tokens (prefix, suffix, middle) this vocabulary lacks."""
+        tokens = {"tokenizer.ggml.fim_pre_id": llama_cpp.llama_vocab_fim_pre(self.vocab),
+                  "tokenizer.ggml.fim_suf_id": llama_cpp.llama_vocab_fim_suf(self.vocab),
+                  "tokenizer.ggml.fim_mid_id": llama_cpp.llama_vocab_fim_mid(self.vocab)}
+        return [key for key, token in tokens.items() if token < 0]
+
     def info(self) -> ModelInfo:
         desc = ctypes.create_string_buffer(256)
         llama_cpp.llama_model_desc(self._ptr, desc, len(desc))

@@ -1,0 +1,88 @@
+"""The routes of Ollama's native API (``/api/*``): thin, over :mod:`server.api.ollama.serving`.
+
+Auth is the server's (``Authorization: Bearer``, which Ollama's clients send as a header), checked before any
+route; every error is Ollama's ``{"error": "..."}`` (``server/errors.py`` chooses it by path). Ollama's clients
+probe the server with ``HEAD /``: answered here, while ``GET /`` stays the playground for browsers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import PlainTextResponse
+
+from server.api.ollama.protocol import (
+    ChatRequest,
+    ChatResponse,
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    ModelList,
+    RunningList,
+    ShowRequest,
+    ShowResponse,
+    VersionResponse,
+)
+from server.api.ollama.serving import NDJSON, check_model, model_entry, running_model, serve, show
+from server.deps import ServiceDep
+from server.security import cache_scope
+
+router = APIRouter(prefix="/api", tags=["ollama"])
+probe = APIRouter(include_in_schema=False)
+
+# Clients compare this with the Ollama release that brought a feature (tools 0.3, JSON-schema `format` 0.5,
+# tool calls streamed 0.8...) and turn features off below it: a release whose API this server serves all of.
+OLLAMA_VERSION = "0.12.0"
+
+ERRORS: dict[int | str, dict[str, object]] = {
+    400: {"model": ErrorResponse, "description": "Invalid request"},
+    404: {"model": ErrorResponse, "description": "Unknown model (with STRICT_MODEL_NAME)"},
+    429: {"model": ErrorResponse, "description": "All slots busy and the wait queue full; see Retry-After"},
+    503: {"model": ErrorResponse, "description": "Model not loaded yet, or shutting down"},
+}
+STREAM = {"description": "With `stream` true (the default): newline-delimited JSON, one object per token, the last "
+          "with `done: true`; `{\"error\": ...}` after a failure.", "content": {NDJSON: {}}}
+
+
+def _options(request: Request, service: ServiceDep) -> dict[str, object]:
+    scope = cache_scope(request, service.settings)
+    return {"cache_prompt": scope is not None, "cache_scope": scope or ""}
+
+
+@probe.head("/")
+async def ollama_probe() -> PlainTextResponse:
+    """Ollama's clients check that a server runs with ``HEAD /``."""
+    return PlainTextResponse("Ollama is running")
+
+
+@router.get("/version", response_model=VersionResponse, summary="The Ollama API version served")
+async def version() -> VersionResponse:
+    return VersionResponse(version=OLLAMA_VERSION)
+
+
+@router.get("/tags", response_model=ModelList, responses=ERRORS, summary="The served model (Ollama's list)")
+async def tags(service: ServiceDep) -> ModelList:
+    return ModelList(models=[await asyncio.to_thread(model_entry, service)])
+
+
+@router.get("/ps", response_model=RunningList, responses=ERRORS, summary="The loaded model")
+async def ps(service: ServiceDep) -> RunningList:
+    return RunningList(models=[await asyncio.to_thread(running_model, service)])
+
+
+@router.post("/show", response_model=ShowResponse, responses=ERRORS, summary="The model's details and metadata")
+async def show_model(body: ShowRequest, service: ServiceDep) -> ShowResponse:
+    check_model(body.model_name(), service)
+    return await asyncio.to_thread(show, service)
+
+
+@router.post("/chat", response_model=ChatResponse, responses={**ERRORS, 200: STREAM}, summary="Chat (Ollama)")
+async def chat(body: ChatRequest, request: Request, service: ServiceDep) -> Response:
+    return await serve(service, body, request, _options(request, service))
+
+
+@router.post("/generate", response_model=GenerateResponse, responses={**ERRORS, 200: STREAM},
+             summary="Generate from a prompt (Ollama)")
+async def generate(body: GenerateRequest, request: Request, service: ServiceDep) -> Response:
+    return await serve(service, body, request, _options(request, service))
