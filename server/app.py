@@ -15,6 +15,8 @@ from fastapi.staticfiles import StaticFiles
 
 from server import __version__
 from server.api.anthropic import router as anthropic
+from server.api.ollama import router as ollama
+from server.api.responses import router as responses
 from server.body_limit import BodyLimitMiddleware
 from server.docs import ASSETS_URL, assets_dir, docs_urls, install_docs
 from server.engine.core import Engine, EngineState
@@ -50,7 +52,8 @@ def _public_paths(app: FastAPI, settings: Settings, docs_assets: Path | None) ->
         exact |= {"/docs", "/redoc"}
         prefixes += (ASSETS_URL + "/",)
     exact |= {url for url in (app.openapi_url, app.docs_url, app.redoc_url) if url}
-    return PublicPaths(exact, prefixes)
+    # Ollama's probe: its clients check a server with HEAD / before sending their key, if they have one.
+    return PublicPaths(exact, prefixes, frozenset({("HEAD", "/")}))
 
 
 def model_name(settings: Settings, path: Path) -> str:
@@ -114,6 +117,9 @@ def create_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = N
     app.include_router(native.router)
     app.include_router(openai.router)
     app.include_router(anthropic.router)
+    app.include_router(ollama.router)
+    app.include_router(ollama.probe)
+    app.include_router(responses.router)
     app.include_router(tokenize.router)
     app.include_router(ops.router)
     install_docs(app, docs_assets)

@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.app import create_app
+from server.security import UNAUTHORIZED
 from server.settings import Settings
 
 KEY = "sk-route-table-9c41d07e"
@@ -30,7 +31,8 @@ def test_the_description_has_the_api_and_the_operations() -> None:
     closed = {path for _, path, public in OPERATIONS if not public}
     assert {"/generate", "/v1/completions", "/v1/chat/completions", "/v1/messages", "/v1/messages/count_tokens",
             "/tokenize", "/detokenize"} <= closed
-    assert {path for _, path, public in OPERATIONS if public} == {"/health", "/ready", "/metrics", "/info"}
+    assert {"/api/chat", "/api/generate", "/api/show", "/api/tags", "/api/ps", "/api/version"} <= closed
+    assert {path for _, path, public in OPERATIONS if public} == {"/health", "/ready", "/metrics", "/info", "/get_load"}
 
 
 @pytest.mark.parametrize(("method", "path"), [(m, p) for m, p, public in OPERATIONS if not public])
@@ -40,6 +42,8 @@ def test_every_api_route_refuses_a_request_without_the_key(client: TestClient, m
     assert resp.status_code == 401, resp.text  # not 400: the body was never parsed
     if path.startswith("/v1/messages"):  # Anthropic's routes answer in Anthropic's envelope
         assert resp.json()["error"]["type"] == "authentication_error" and resp.json()["type"] == "error"
+    elif path.startswith("/api/"):  # Ollama's routes answer in its shape: {"error": "message"}
+        assert resp.json() == {"error": UNAUTHORIZED}
     else:
         assert resp.json()["error"]["code"] == "invalid_api_key"
     assert resp.headers["www-authenticate"] == "Bearer"
@@ -53,7 +57,14 @@ def test_the_probes_and_pages_need_no_key(client: TestClient, path: str) -> None
     assert client.get(path).status_code != 401
 
 
-@pytest.mark.parametrize("path", ["/api/tags", "/v2/anything", "/healthz", "/health/", "/static"])
+def test_ollamas_probe_is_public_by_method_alone() -> None:
+    """HEAD / answers without a key even with the playground off; GET / then still needs one."""
+    bare = TestClient(create_app(Settings(api_key=KEY, ui=False)), base_url="http://localhost")  # no lifespan
+    assert bare.head("/").status_code == 200
+    assert bare.get("/").status_code == 401
+
+
+@pytest.mark.parametrize("path", ["/api/anything", "/v2/anything", "/healthz", "/health/", "/static"])
 def test_a_path_no_route_serves_needs_the_key_too(client: TestClient, path: str) -> None:
     assert client.get(path).status_code == 401
     assert client.get(path, headers={"Authorization": f"Bearer {KEY}"}).status_code == 404
