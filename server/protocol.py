@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from server.engine.sampling import SamplingParams
 from server.engine.types import FinalEvent
@@ -28,8 +28,25 @@ def stop_tuple(value: list[str] | str | None) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value or ())
 
 
+class RouterSampling(BaseModel):
+    """``sampling_params`` as vllm-router forwards ``/generate`` (SGLang's GenerateRequest): the router rewrites
+    the body into that shape, keeping these and dropping the seed's own fields."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=5.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1, le=100_000)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    stop: list[str] | str | None = None
+    ignore_eos: bool | None = None
+
+
 class GenerateRequest(BaseModel):
-    """The seed's ``{"prompt", "max_length", "temperature"}``, plus the usual sampling controls."""
+    """The seed's ``{"prompt", "max_length", "temperature"}``, plus the usual sampling controls, and the shape
+    vllm-router forwards (``sampling_params``; its ``return_logprob``/``return_hidden_states`` flags off)."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -71,6 +88,26 @@ class GenerateRequest(BaseModel):
         "can differ in late tokens from an uncached run, as llama.cpp's kernels round differently for one "
         "token than for a batch of them.",
     )
+    sampling_params: RouterSampling | None = Field(
+        default=None, description="SGLang's sampling fields, as vllm-router forwards /generate; where given they "
+        "take the place of the seed's (max_new_tokens for max_length).")
+    return_logprob: Literal[False] = Field(default=False, description="vllm-router's flag; only false is served.")
+    return_hidden_states: Literal[False] = Field(default=False, description="vllm-router's flag; only false.")
+
+    @model_validator(mode="after")
+    def _router_fields(self) -> GenerateRequest:
+        """Fold vllm-router's ``sampling_params`` into the seed's fields, so one request reaches the engine."""
+        p = self.sampling_params
+        if p is None:
+            return self
+        updates = {"max_length": p.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p,
+                   "top_k": None if p.top_k is None else max(p.top_k, 0), "min_p": p.min_p,
+                   "repeat_penalty": p.repetition_penalty, "stop": check_stop_strings(p.stop, MAX_STOP_STRINGS),
+                   "ignore_eos": p.ignore_eos}
+        for name, value in updates.items():
+            if value is not None:
+                object.__setattr__(self, name, value)
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -185,6 +222,30 @@ class ErrorChunk(BaseModel):
 
     type: Literal["error"] = "error"
     error: ErrorDetail
+
+
+class VllmTokenizeRequest(BaseModel):
+    """vLLM's ``POST /tokenize`` (``prompt``, or chat ``messages`` rendered with the model's template), as
+    vllm-router's cache_aware policy asks each replica for a prompt's tokens."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_special_tokens: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self) -> VllmTokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give prompt or messages")
+        return self
+
+
+class VllmTokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
 
 
 class TokenizeRequest(BaseModel):

@@ -42,6 +42,12 @@ def _finish_reason(final: FinalEvent) -> str:
     return "length" if final.finish_reason is FinishReason.LENGTH else "stop"
 
 
+# vllm-router rewrites a /generate body into SGLang's shape (dropping max_length and temperature) and passes other
+# paths through untouched: behind it, the seed's clients call /native/generate.
+PASS_THROUGH_PATH = "/native/generate"
+
+
+@router.post(PASS_THROUGH_PATH, response_model=GenerateResponse, include_in_schema=False)
 @router.post(
     "/generate",
     response_model=GenerateResponse,

@@ -94,6 +94,17 @@ async def info(engine: EngineDep, service: ServiceDep, request: Request) -> Info
     )
 
 
+class LoadResponse(BaseModel):
+    load: int  # requests running or waiting for a slot
+
+
+@router.get("/get_load", response_model=LoadResponse)
+async def get_load(engine: EngineDep) -> LoadResponse:
+    """The requests this replica holds (running and queued), as vllm-router's ``power_of_two`` policy reads it
+    (SGLang's route of that name): a router sends the next request to the less loaded of two replicas."""
+    return LoadResponse(load=engine.in_flight())
+
+
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
 async def metrics(m: MetricsDep) -> Response:
     """Prometheus metrics."""
