@@ -118,6 +118,11 @@ class Metrics:
                                      "shared by several slots counts for each)", registry=r)
         self.kv_cache_usage = Gauge("llama_kv_cache_usage_ratio", "Used share of the KV cache (at most 1)",
                                     registry=r)
+        # What routers read as "KV in use" (vLLM's kv_cache_usage_perc, llm-d-router's KV scorer): the cells of
+        # requests running now. The ratio above also counts the cells idle slots keep for returning conversations,
+        # which a router should steer towards, not away from.
+        self.kv_cache_running = Gauge("llama_kv_cache_running_ratio", "Share of the KV cache held by requests "
+                                      "running now (at most 1)", registry=r)
         self.prompt_cache_bytes = Gauge(
             "llama_prompt_cache_bytes", "Host memory holding the KV cells of conversations that lost their slot "
             "(CACHE_RAM_MIB)", registry=r)
@@ -129,6 +134,7 @@ class Metrics:
         queue_depth: Callable[[], float],
         slots_busy: Callable[[], float],
         kv_tokens: Callable[[], float],
+        running_kv_tokens: Callable[[], float],
         kv_capacity: int,
         slots_total: int,
         prompt_cache_bytes: Callable[[], float],
@@ -138,6 +144,8 @@ class Metrics:
         self.slots_busy.set_function(slots_busy)
         self.kv_cache_tokens.set_function(kv_tokens)
         self.kv_cache_usage.set_function(lambda: min(kv_tokens() / kv_capacity, 1.0) if kv_capacity else 0.0)
+        self.kv_cache_running.set_function(
+            lambda: min(running_kv_tokens() / kv_capacity, 1.0) if kv_capacity else 0.0)
         self.slots_total.set(slots_total)
 
     def bind_model(self, labels: Callable[[], Mapping[str, str]]) -> None:

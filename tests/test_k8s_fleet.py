@@ -133,6 +133,8 @@ def check_picker_metrics(docs: Docs, series: set[str]) -> None:
     engine = next(e for e in extractor["engineConfigs"] if e["name"] == extractor["defaultEngine"])
     specs = {key: engine[key] for key in ("queuedRequestsSpec", "runningRequestsSpec", "kvUsageSpec")}
     assert specs["queuedRequestsSpec"] == "llama_queue_depth" and specs["runningRequestsSpec"] == "llama_slots_busy"
+    # KV in use by running requests (vLLM's meaning), not the ratio that counts the cells idle slots keep.
+    assert specs["kvUsageSpec"] == "llama_kv_cache_running_ratio", specs
     assert set(specs.values()) <= series, f"not the server's series: {sorted(set(specs.values()) - series)}"
     interval = seconds(plugins["metrics-data-source"]["parameters"]["interval"])
     base = seconds(flags(epp["args"])["refresh-metrics-interval"])
@@ -350,8 +352,11 @@ MUTATIONS: dict[str, tuple[str, str, str, Callable[[Path], None]]] = {
         f"k8s/{POOL}/endpoint-picker.yaml", "--pool-name=llama-inference", "--pool-name=llama",
         pool(check_pool)),
     "the picker reading vLLM's KV series": (
-        f"k8s/{POOL}/endpoint-picker-config.yaml", "kvUsageSpec: llama_kv_cache_usage_ratio",
+        f"k8s/{POOL}/endpoint-picker-config.yaml", "kvUsageSpec: llama_kv_cache_running_ratio",
         "kvUsageSpec: vllm:kv_cache_usage_perc", pool(lambda d: check_picker_metrics(d, served_series()))),
+    "the picker reading the KV ratio that counts idle slots' cells": (
+        f"k8s/{POOL}/endpoint-picker-config.yaml", "kvUsageSpec: llama_kv_cache_running_ratio",
+        "kvUsageSpec: llama_kv_cache_usage_ratio", pool(lambda d: check_picker_metrics(d, served_series()))),
     "the picker scraping every 50 ms": (
         f"k8s/{POOL}/endpoint-picker-config.yaml", "interval: 1s", "interval: 50ms",
         pool(lambda d: check_picker_metrics(d, served_series()))),

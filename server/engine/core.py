@@ -151,6 +151,7 @@ class Engine:
             queue_depth=lambda: len(self._waiting),
             slots_busy=lambda: sum(1 for s in self._slots if s.active is not None),
             kv_tokens=lambda: sum(len(s.tokens) for s in self._slots),
+            running_kv_tokens=lambda: sum(len(s.tokens) for s in self._slots if s.active is not None),
             kv_capacity=kv_capacity,
             slots_total=self.settings.parallel,
             prompt_cache_bytes=lambda: self._prompt_cache.bytes if self._prompt_cache is not None else 0,
