@@ -450,7 +450,7 @@ _CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"]*)"\s*,\s*"arguments"\s*:\s
 CALL_HEAD_LIMIT = 1024
 
 
-class _ArgumentsScanner:
+class ArgumentsScanner:
     """Follows a required call as the grammar makes the model write it, ``{"name": "f", "arguments": {...}}``,
     and hands out its name once known and the arguments' text as it arrives, as OpenAI streams a call."""
 
@@ -569,7 +569,7 @@ class _ChatStream:
 
     async def _forced_call(self, fields: dict[str, object], finals: list[FinalEvent]
                            ) -> AsyncIterator[ServerSentEvent]:
-        scanner = _ArgumentsScanner()
+        scanner = ArgumentsScanner()
         call_id = new_call_id()
 
         def piece(arguments: str, first: bool = False) -> ServerSentEvent:

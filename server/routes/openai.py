@@ -29,7 +29,7 @@ RESPONSES: dict[int | str, dict[str, object]] = {
 }
 
 
-def _known_model(name: str, service: GenerationService) -> bool:
+def known_model(name: str, service: GenerationService) -> bool:
     """Any name is accepted while one model is served (clients hard-code 'gpt-3.5-turbo' and the like); with
     STRICT_MODEL_NAME only the served name and its aliases."""
     return not service.settings.strict_model_name or name in (service.model_name,
@@ -37,7 +37,7 @@ def _known_model(name: str, service: GenerationService) -> bool:
 
 
 def _check(body: SamplingFields, service: GenerationService) -> None:
-    if body.model is not None and not _known_model(body.model, service):
+    if body.model is not None and not known_model(body.model, service):
         raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{service.model_name}'",
                        type="invalid_request_error", param="model", code="model_not_found")
     problem = body.unsupported()

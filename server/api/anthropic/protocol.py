@@ -183,7 +183,7 @@ class ToolUseContent(BaseModel):
     input: dict[str, Any]
 
 
-class Usage(BaseModel):
+class AnthropicUsage(BaseModel):
     input_tokens: int = Field(description="Prompt tokens computed for this request (not read from the cache).")
     output_tokens: int
     cache_read_input_tokens: int = Field(
@@ -200,7 +200,7 @@ class Message(BaseModel):
     content: list[Annotated[TextContent | ToolUseContent, Field(discriminator="type")]]
     stop_reason: StopReason | None
     stop_sequence: str | None = None
-    usage: Usage
+    usage: AnthropicUsage
 
 
 # ---- stream events ----
@@ -271,7 +271,7 @@ class ErrorBody(BaseModel):
     message: str
 
 
-class ErrorResponse(BaseModel):
+class AnthropicErrorResponse(BaseModel):
     """Anthropic's error envelope: the body of every error on these routes, and a stream's ``error`` event."""
 
     type: Literal["error"] = "error"
@@ -279,6 +279,6 @@ class ErrorResponse(BaseModel):
 
 
 STREAM_EVENTS: list[type[BaseModel]] = [MessageStart, ContentBlockStart, ContentBlockDelta, ContentBlockStop,
-                                        MessageDelta, MessageStop, Ping, ErrorResponse]
+                                        MessageDelta, MessageStop, Ping, AnthropicErrorResponse]
 STREAM_EVENT_NAMES = ["message_start", "content_block_start", "content_block_delta", "content_block_stop",
                       "message_delta", "message_stop", "ping", "error"]

@@ -14,9 +14,9 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from server.api.anthropic.protocol import (
     STREAM_EVENT_NAMES,
     STREAM_EVENTS,
+    AnthropicErrorResponse,
     CountTokensRequest,
     CountTokensResponse,
-    ErrorResponse,
     Message,
     MessageRequest,
     PromptFields,
@@ -25,17 +25,17 @@ from server.api.anthropic.serving import count_tokens, serve_messages
 from server.deps import ServiceDep
 from server.errors import APIError
 from server.openapi_sse import event_stream
-from server.routes.openai import _known_model  # one rule for model names on every dialect
+from server.routes.openai import known_model  # one rule for model names on every dialect
 from server.security import cache_scope
 from server.serving import GenerationService
 
 router = APIRouter(prefix="/v1", tags=["anthropic"])
 
 ERRORS: dict[int | str, dict[str, object]] = {
-    400: {"model": ErrorResponse, "description": "Invalid request"},
-    404: {"model": ErrorResponse, "description": "Unknown model (with STRICT_MODEL_NAME)"},
-    429: {"model": ErrorResponse, "description": "All slots busy and the wait queue full; see Retry-After"},
-    503: {"model": ErrorResponse, "description": "Model not loaded yet, or shutting down"},
+    400: {"model": AnthropicErrorResponse, "description": "Invalid request"},
+    404: {"model": AnthropicErrorResponse, "description": "Unknown model (with STRICT_MODEL_NAME)"},
+    429: {"model": AnthropicErrorResponse, "description": "All slots busy and the wait queue full; see Retry-After"},
+    503: {"model": AnthropicErrorResponse, "description": "Model not loaded yet, or shutting down"},
 }
 STREAM_DOC = event_stream(
     "With `stream: true`: Anthropic's server-sent events (`message_start`, `ping`, `content_block_start`, "
@@ -48,7 +48,7 @@ BetaQuery = Annotated[str | None, Query(description="Accepted and ignored (Claud
 
 
 def _check_model(body: PromptFields, service: GenerationService) -> None:
-    if body.model is not None and not _known_model(body.model, service):
+    if body.model is not None and not known_model(body.model, service):
         raise APIError(404, f"model: {body.model} (this server serves '{service.model_name}')",
                        type="not_found_error", param="model", code="model_not_found")
 

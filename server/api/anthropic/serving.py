@@ -28,6 +28,8 @@ from pydantic import BaseModel
 from sse_starlette import ServerSentEvent
 
 from server.api.anthropic.protocol import (
+    AnthropicErrorResponse,
+    AnthropicUsage,
     ContentBlockDelta,
     ContentBlockStart,
     ContentBlockStop,
@@ -36,7 +38,6 @@ from server.api.anthropic.protocol import (
     DeltaUsage,
     DocumentBlock,
     ErrorBody,
-    ErrorResponse,
     ImageBlock,
     InputJsonDelta,
     Message,
@@ -55,7 +56,6 @@ from server.api.anthropic.protocol import (
     ToolResultBlock,
     ToolUseBlock,
     ToolUseContent,
-    Usage,
 )
 from server.engine.llama import LlamaModel
 from server.engine.sampling import SamplingParams
@@ -63,7 +63,7 @@ from server.engine.types import ErrorEvent, FinalEvent, FinishReason, RequestHan
 from server.errors import anthropic_error_type, bad_request, unavailable
 from server.grammar import SchemaError
 from server.openai_protocol import ChatMessage, FunctionCall, FunctionDefinition, Tool, ToolCall
-from server.openai_serving import _ArgumentsScanner  # the required call's scanner, shared with OpenAI's stream
+from server.openai_serving import ArgumentsScanner  # the required call's scanner, shared with OpenAI's stream
 from server.serving import GenerationService
 from server.sse import TokenEventSourceResponse
 from server.tools import call_grammar, looks_like_call, parse_calls, template_messages, template_tools
@@ -213,9 +213,9 @@ def _model(service: GenerationService) -> LlamaModel:
     return model
 
 
-def _usage(final: FinalEvent) -> Usage:
+def _usage(final: FinalEvent) -> AnthropicUsage:
     cached = final.usage.cached_tokens
-    return Usage(input_tokens=final.usage.prompt_tokens - cached, output_tokens=final.usage.completion_tokens,
+    return AnthropicUsage(input_tokens=final.usage.prompt_tokens - cached, output_tokens=final.usage.completion_tokens,
                  cache_read_input_tokens=cached)
 
 
@@ -296,7 +296,7 @@ def _text_delta(index: int, text: str) -> bytes:
 
 def error_event(event: ErrorEvent) -> ServerSentEvent:
     """A failure after the stream began, as Anthropic's ``error`` event."""
-    return _sse(ErrorResponse(error=ErrorBody(type=anthropic_error_type(event.status), message=event.message)))
+    return _sse(AnthropicErrorResponse(error=ErrorBody(type=anthropic_error_type(event.status), message=event.message)))
 
 
 class _MessageStream:
@@ -336,7 +336,7 @@ class _MessageStream:
     async def events(self, fields: dict[str, object]) -> AsyncIterator[ServerSentEvent | bytes]:
         request = self.handle.request
         start = Message(id=request.request_id, model=self.service.model_name, content=[], stop_reason=None,
-                        usage=Usage(input_tokens=len(request.prompt_tokens), output_tokens=0))
+                        usage=AnthropicUsage(input_tokens=len(request.prompt_tokens), output_tokens=0))
         yield _sse(MessageStart(message=start))
         yield _sse(Ping())
         body = self._forced_call(fields) if self.prompt.forced else self._text(fields)
@@ -386,7 +386,7 @@ class _MessageStream:
                 yield error_event(event)
 
     async def _forced_call(self, fields: dict[str, object]) -> AsyncIterator[ServerSentEvent | bytes]:
-        scanner = _ArgumentsScanner()
+        scanner = ArgumentsScanner()
         async for event in self.service.stream(self.handle, fields):
             if isinstance(event, TokenEvent):
                 self.finder.push(event)

@@ -73,7 +73,7 @@ class ToolCallFunction(_Body):
     arguments: dict[str, Any] = Field(description="An object, not JSON text (Ollama's shape).")
 
 
-class ToolCall(_Body):
+class OllamaToolCall(_Body):
     id: str | None = None
     function: ToolCallFunction
 
@@ -82,7 +82,7 @@ class Message(_Body):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: list[str] | None = Field(default=None, description="Refused: this server has no vision.")
-    tool_calls: list[ToolCall] | None = None
+    tool_calls: list[OllamaToolCall] | None = None
     tool_name: str | None = None
     thinking: str | None = Field(default=None, description="A past answer's thinking: not part of the prompt.")
 
@@ -93,7 +93,7 @@ class ChatRequest(_Generation):
     tools: list[Tool] | None = None
 
 
-class GenerateRequest(_Generation):
+class OllamaGenerateRequest(_Generation):
     prompt: str = ""
     suffix: str | None = Field(default=None, description="Refused on a model without fill-in-the-middle tokens.")
     system: str | None = None
@@ -133,7 +133,7 @@ class ModelEntry(BaseModel):
     details: ModelDetails
 
 
-class ModelList(BaseModel):
+class OllamaModelList(BaseModel):
     models: list[ModelEntry]
 
 
@@ -164,7 +164,7 @@ class VersionResponse(BaseModel):
 class AnswerMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
-    tool_calls: list[ToolCall] | None = None
+    tool_calls: list[OllamaToolCall] | None = None
 
 
 class _Done(BaseModel):
@@ -185,11 +185,11 @@ class ChatResponse(_Done):
     message: AnswerMessage
 
 
-class GenerateResponse(_Done):
+class OllamaGenerateResponse(_Done):
     response: str
 
 
-class ErrorResponse(BaseModel):
+class OllamaErrorResponse(BaseModel):
     """Ollama's error body, on every /api/* error and as a stream's last line after a failure."""
 
     error: str

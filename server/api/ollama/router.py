@@ -15,10 +15,10 @@ from fastapi.responses import PlainTextResponse
 from server.api.ollama.protocol import (
     ChatRequest,
     ChatResponse,
-    ErrorResponse,
-    GenerateRequest,
-    GenerateResponse,
-    ModelList,
+    OllamaErrorResponse,
+    OllamaGenerateRequest,
+    OllamaGenerateResponse,
+    OllamaModelList,
     RunningList,
     ShowRequest,
     ShowResponse,
@@ -36,10 +36,10 @@ probe = APIRouter(include_in_schema=False)
 OLLAMA_VERSION = "0.12.0"
 
 ERRORS: dict[int | str, dict[str, object]] = {
-    400: {"model": ErrorResponse, "description": "Invalid request"},
-    404: {"model": ErrorResponse, "description": "Unknown model (with STRICT_MODEL_NAME)"},
-    429: {"model": ErrorResponse, "description": "All slots busy and the wait queue full; see Retry-After"},
-    503: {"model": ErrorResponse, "description": "Model not loaded yet, or shutting down"},
+    400: {"model": OllamaErrorResponse, "description": "Invalid request"},
+    404: {"model": OllamaErrorResponse, "description": "Unknown model (with STRICT_MODEL_NAME)"},
+    429: {"model": OllamaErrorResponse, "description": "All slots busy and the wait queue full; see Retry-After"},
+    503: {"model": OllamaErrorResponse, "description": "Model not loaded yet, or shutting down"},
 }
 STREAM = {"description": "With `stream` true (the default): newline-delimited JSON, one object per token, the last "
           "with `done: true`; `{\"error\": ...}` after a failure.", "content": {NDJSON: {}}}
@@ -61,9 +61,9 @@ async def version() -> VersionResponse:
     return VersionResponse(version=OLLAMA_VERSION)
 
 
-@router.get("/tags", response_model=ModelList, responses=ERRORS, summary="The served model (Ollama's list)")
-async def tags(service: ServiceDep) -> ModelList:
-    return ModelList(models=[await asyncio.to_thread(model_entry, service)])
+@router.get("/tags", response_model=OllamaModelList, responses=ERRORS, summary="The served model (Ollama's list)")
+async def tags(service: ServiceDep) -> OllamaModelList:
+    return OllamaModelList(models=[await asyncio.to_thread(model_entry, service)])
 
 
 @router.get("/ps", response_model=RunningList, responses=ERRORS, summary="The loaded model")
@@ -82,7 +82,7 @@ async def chat(body: ChatRequest, request: Request, service: ServiceDep) -> Resp
     return await serve(service, body, request, _options(request, service))
 
 
-@router.post("/generate", response_model=GenerateResponse, responses={**ERRORS, 200: STREAM},
+@router.post("/generate", response_model=OllamaGenerateResponse, responses={**ERRORS, 200: STREAM},
              summary="Generate from a prompt (Ollama)")
-async def generate(body: GenerateRequest, request: Request, service: ServiceDep) -> Response:
+async def generate(body: OllamaGenerateRequest, request: Request, service: ServiceDep) -> Response:
     return await serve(service, body, request, _options(request, service))

@@ -38,14 +38,14 @@ from server.api.ollama.protocol import (
     AnswerMessage,
     ChatRequest,
     ChatResponse,
-    GenerateRequest,
-    GenerateResponse,
     ModelDetails,
     ModelEntry,
+    OllamaGenerateRequest,
+    OllamaGenerateResponse,
+    OllamaToolCall,
     Options,
     RunningModel,
     ShowResponse,
-    ToolCall,
     ToolCallFunction,
     _Generation,
 )
@@ -250,7 +250,7 @@ def _missing_fim(service: GenerationService) -> list[str]:
     return _model(service)[0].missing_fim_tokens()
 
 
-async def _generate_plan(service: GenerationService, body: GenerateRequest) -> Plan:
+async def _generate_plan(service: GenerationService, body: OllamaGenerateRequest) -> Plan:
     if body.images:
         raise bad_request(NO_VISION, param="images", code="unsupported_content")
     if body.template:
@@ -281,11 +281,11 @@ def _loaded(service: GenerationService, body: _Generation, chat: bool) -> Respon
     fields: dict[str, Any] = {"model": served_tag(service), "created_at": rfc3339(), "done": True,
                               "done_reason": reason}
     answer = (ChatResponse(**fields, message=AnswerMessage(content="")) if chat
-              else GenerateResponse(**fields, response=""))
+              else OllamaGenerateResponse(**fields, response=""))
     return Response(answer.model_dump_json(exclude_none=True), media_type="application/json")
 
 
-async def serve(service: GenerationService, body: ChatRequest | GenerateRequest, http_request: Request,
+async def serve(service: GenerationService, body: ChatRequest | OllamaGenerateRequest, http_request: Request,
                 options: dict[str, Any]) -> Response:
     """``/api/chat`` and ``/api/generate``. ``options``: further arguments of ``service.build`` (the caller's
     cache scope)."""
@@ -302,7 +302,7 @@ async def serve(service: GenerationService, body: ChatRequest | GenerateRequest,
         plan.tokens, max_tokens=None if num_predict is None or num_predict < 0 else num_predict,
         sampling=_sampling(sampling_options, grammar), stop=tuple(sampling_options.stop or ()),
         request_id=service.new_id("ollama"), max_tokens_param="options.num_predict", grammar_param="format",
-        rendered=not (isinstance(body, GenerateRequest) and body.raw), **options)
+        rendered=not (isinstance(body, OllamaGenerateRequest) and body.raw), **options)
     fields = service.log_fields(request, plan.logged)
     http_request.state.generation = fields
     handle = service.submit(request)
@@ -331,10 +331,10 @@ class _Answer:
         return (self._head + rfc3339().encode() + self._body + json.dumps(text, ensure_ascii=False).encode()
                 + self._tail)
 
-    def _calls(self, final: FinalEvent) -> list[ToolCall]:
+    def _calls(self, final: FinalEvent) -> list[OllamaToolCall]:
         if not self.plan.tools or final.finish_reason is FinishReason.LENGTH:
             return []
-        return [ToolCall(id=c.id, function=ToolCallFunction(index=i, name=c.function.name,
+        return [OllamaToolCall(id=c.id, function=ToolCallFunction(index=i, name=c.function.name,
                                                            arguments=json.loads(c.function.arguments)))
                 for i, c in enumerate(parse_calls(final.text, self.plan.tools) or [])]
 
@@ -351,10 +351,10 @@ class _Answer:
             prompt_eval_duration=_ns(t.time_to_first_token_ms - t.queue_ms),
             eval_count=final.usage.completion_tokens, eval_duration=_ns(t.total_ms - t.time_to_first_token_ms))
         answer = (ChatResponse(**fields, message=AnswerMessage(content=content, tool_calls=calls or None))
-                  if self.chat else GenerateResponse(**fields, response=content))
+                  if self.chat else OllamaGenerateResponse(**fields, response=content))
         return answer.model_dump_json(exclude_none=True).encode() + (b"" if whole else b"\n")
 
-    def _calls_line(self, calls: list[ToolCall]) -> bytes:
+    def _calls_line(self, calls: list[OllamaToolCall]) -> bytes:
         message = AnswerMessage(content="", tool_calls=calls)
         return ChatResponse(model=self.model, created_at=rfc3339(), done=False, message=message
                             ).model_dump_json(exclude_none=True).encode() + b"\n"

@@ -15,7 +15,7 @@ from server.api.responses.serving import serve_responses
 from server.deps import ServiceDep
 from server.errors import ERROR_RESPONSES, APIError, ErrorResponse
 from server.openapi_sse import event_stream
-from server.routes.openai import _known_model  # one rule for model names on every dialect
+from server.routes.openai import known_model  # one rule for model names on every dialect
 from server.security import cache_scope
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -33,7 +33,7 @@ STREAM_DOC = event_stream(
                         200: STREAM_DOC},
              summary="Create a response (OpenAI's Responses API, stateless)")
 async def create_response(body: ResponseRequest, request: Request, service: ServiceDep) -> Response:
-    if body.model is not None and not _known_model(body.model, service):
+    if body.model is not None and not known_model(body.model, service):
         raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{service.model_name}'",
                        param="model", code="model_not_found")
     scope = cache_scope(request, service.settings)

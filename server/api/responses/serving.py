@@ -61,7 +61,7 @@ from server.engine.types import ErrorEvent, FinalEvent, FinishReason, RequestHan
 from server.errors import bad_request, unavailable
 from server.grammar import JSON_OBJECT_GRAMMAR, SchemaError
 from server.openai_protocol import ChatMessage, FunctionCall, FunctionDefinition, Tool, ToolCall, grammar_of_schema
-from server.openai_serving import _ArgumentsScanner  # the required call's scanner, shared with the chat stream
+from server.openai_serving import ArgumentsScanner  # the required call's scanner, shared with the chat stream
 from server.serving import GenerationService
 from server.sse import TokenEventSourceResponse
 from server.tools import call_grammar, looks_like_call, new_call_id, parse_calls, template_messages, template_tools
@@ -416,7 +416,7 @@ class _ResponseStream:
                     yield sse
 
     async def _forced_call(self, fields: dict[str, object]) -> AsyncIterator[ServerSentEvent | bytes]:
-        scanner = _ArgumentsScanner()
+        scanner = ArgumentsScanner()
         async for event in self.service.stream(self.handle, fields):
             if isinstance(event, TokenEvent):
                 known = scanner.name is not None
