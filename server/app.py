@@ -39,6 +39,9 @@ from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
+MEASURE_GRACE_S = 10.0
+
+
 def _public_paths(app: FastAPI, settings: Settings, docs_assets: Path | None) -> PublicPaths:
     """What answers without a key: the operations router (probes, Prometheus, /info), the playground, the docs and
     their static files, read from the routers that serve them (none takes path parameters). Every other route
@@ -52,8 +55,9 @@ def _public_paths(app: FastAPI, settings: Settings, docs_assets: Path | None) ->
         exact |= {"/docs", "/redoc"}
         prefixes += (ASSETS_URL + "/",)
     exact |= {url for url in (app.openapi_url, app.docs_url, app.redoc_url) if url}
-    # Ollama's probe: its clients check a server with HEAD / before sending their key, if they have one.
-    return PublicPaths(exact, prefixes, frozenset({("HEAD", "/")}))
+    # Ollama's probe: its clients check a server with HEAD / (or GET /, the playground's page when it is on)
+    # before sending their key, if they have one.
+    return PublicPaths(exact, prefixes, frozenset({("HEAD", "/"), ("GET", "/")}))
 
 
 def model_name(settings: Settings, path: Path) -> str:
@@ -84,6 +88,9 @@ def create_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = N
             yield
         finally:
             watcher.cancel()
+            # Its work runs in a thread on the model's vocabulary (measuring it, trying the chat template): let it
+            # end before the engine frees the model, or the process can crash on its way out.
+            await asyncio.wait({measure}, timeout=MEASURE_GRACE_S)
             measure.cancel()
             await asyncio.to_thread(engine.stop)
 
@@ -119,6 +126,8 @@ def create_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = N
     app.include_router(anthropic.router)
     app.include_router(ollama.router)
     app.include_router(ollama.probe)
+    if not settings.ui:
+        app.include_router(ollama.probe_get)
     app.include_router(responses.router)
     app.include_router(tokenize.router)
     app.include_router(ops.router)

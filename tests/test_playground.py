@@ -205,6 +205,9 @@ def test_favicon_is_served(ui_server: LiveServer) -> None:
 def test_the_playground_can_be_turned_off(tmp_path: Path) -> None:
     server = start_server(tmp_path, "--no-ui")
     try:
-        assert httpx.get(server.url + "/").status_code == 404
+        page = httpx.get(server.url + "/")
+        assert page.status_code == 200 and "<html" not in page.text.lower()
+        assert page.text == "Ollama is running"  # what Ollama answers there, for the clients that probe it
+        assert httpx.get(server.url + "/static/app.js").status_code in (401, 404)
     finally:
         stop_server(server)

@@ -58,10 +58,11 @@ def test_the_probes_and_pages_need_no_key(client: TestClient, path: str) -> None
 
 
 def test_ollamas_probe_is_public_by_method_alone() -> None:
-    """HEAD / answers without a key even with the playground off; GET / then still needs one."""
+    """HEAD / (and GET / with the playground off) answer Ollama's probe without a key; POST / still needs one."""
     bare = TestClient(create_app(Settings(api_key=KEY, ui=False)), base_url="http://localhost")  # no lifespan
     assert bare.head("/").status_code == 200
-    assert bare.get("/").status_code == 401
+    assert bare.get("/").status_code == 200 and bare.get("/").text == "Ollama is running"
+    assert bare.post("/").status_code == 401
 
 
 @pytest.mark.parametrize("path", ["/api/anything", "/v2/anything", "/healthz", "/health/", "/static"])

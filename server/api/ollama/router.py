@@ -50,9 +50,14 @@ def _options(request: Request, service: ServiceDep) -> dict[str, object]:
     return {"cache_prompt": scope is not None, "cache_scope": scope or ""}
 
 
+# With the playground off, GET / is Ollama's probe too, as Ollama answers it.
+probe_get = APIRouter(include_in_schema=False)
+
+
 @probe.head("/")
+@probe_get.get("/")
 async def ollama_probe() -> PlainTextResponse:
-    """Ollama's clients check that a server runs with ``HEAD /``."""
+    """Ollama's clients check that a server runs with ``HEAD /`` (or ``GET /``)."""
     return PlainTextResponse("Ollama is running")
 
 
