@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
+import re
 import threading
 import time
 import uuid
@@ -22,7 +23,7 @@ import jinja2
 import jinja2.meta
 from jinja2 import nodes
 from jinja2.compiler import CodeGenerator, Frame
-from jinja2.runtime import Namespace
+from jinja2.runtime import Namespace, markup_join
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from server.engine.llama import LlamaModel
@@ -85,19 +86,24 @@ class _Budget:
             raise TemplateBudgetExceeded(f"the chat template asked for {value}; at most {self.max_chars}")
 
 
+# The widths and precisions of printf-style conversions ("%8000000000s", "%.900000f"); a linear pattern.
+_FORMAT_WIDTH = re.compile(r"%[-+ #0]*(\d{0,30})(?:\.(\d{1,30}))?")
+
+
 class _BudgetedCodeGenerator(CodeGenerator):
     """Jinja's code generator, but ``a ~ b`` joins through the environment, which checks the result's size
     before building it (``{% set s = s ~ s %}`` forty times would otherwise build 2**40 characters)."""
 
     def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
-        if frame.eval_ctx.volatile or frame.eval_ctx.autoescape:
-            super().visit_Concat(node, frame)
-            return
+        if frame.eval_ctx.volatile:
+            markup = "context.eval_ctx.autoescape"
+        else:
+            markup = "True" if frame.eval_ctx.autoescape else "False"
         self.write("environment.join_budgeted((")
         for arg in node.nodes:
             self.visit(arg, frame)
             self.write(", ")
-        self.write("))")
+        self.write(f"), {markup})")
 
 
 class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
@@ -114,10 +120,10 @@ class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
         self.globals["namespace"] = self._namespace
         self.filters = {name: self._budgeted(f) for name, f in self.filters.items()}
 
-    def join_budgeted(self, values: tuple[Any, ...]) -> str:
-        parts = [str(v) for v in values]
-        self.budget().length(sum(len(p) for p in parts))
-        return "".join(parts)
+    def join_budgeted(self, values: tuple[Any, ...], markup: bool) -> str:
+        """``a ~ b``: its length checked before it is built (escaped as Jinja does under autoescape)."""
+        self.budget().length(sum(len(str(v)) for v in values))
+        return markup_join(values) if markup else "".join(str(v) for v in values)
 
     def _namespace(self, *args: Any, **kwargs: Any) -> Namespace:
         return _BudgetedNamespace(self, *args, **kwargs)
@@ -160,9 +166,13 @@ class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
                     budget.length(len(seq) * max(times, 0))  # checked before it is built
         if operator == "+" and isinstance(left, str | list | tuple) and isinstance(right, str | list | tuple):
             budget.length(len(left) + len(right))
-        if operator == "%" and isinstance(left, str):  # "%*s" % (10**9, ""): a width builds the string
+        if operator == "%" and isinstance(left, str):  # "%*s" % (10**9, "") or "%8000000000s": widths build
             for a in right if isinstance(right, tuple) else (right,):
                 budget.count(a)
+            for match in _FORMAT_WIDTH.finditer(left):
+                for number in match.groups():
+                    if number:
+                        budget.count(int(number))
         return super().call_binop(context, operator, left, right)
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805

@@ -51,8 +51,11 @@ MAX_GROUP_DEPTH = 2000
 MAX_COUNT = 1000
 # What a schema may ask of the converter, so that converting it is bounded (it runs in Python, holding the GIL):
 # how deep it nests, how many alternatives one keyword lists, and how large a ``pattern`` may grow once its
-# quantifiers are written out (the converter spells ``a{1000}`` as a thousand ``a``, and nested quantifiers
-# multiply). Past these a schema is refused by name, in well under a millisecond.
+# quantifiers are written out (the converter spells ``a{1000}`` as a thousand ``a``, and repeats a whole run of
+# literal characters for a count after it), alone and summed over the schema's patterns. Nested counts are
+# multiplied, an over-estimate (the converter makes sub-rules of groups) that refuses a few odd patterns a grammar
+# could serve rather than let a large one through. Past these a schema is refused by name, in well under a
+# millisecond.
 MAX_SCHEMA_DEPTH = 64
 MAX_ALTERNATIVES = 256
 MAX_PATTERN_CHARS = 4096
@@ -120,13 +123,22 @@ class _PatternSize:
     def alternatives(self, depth: int) -> int:
         if depth > MAX_SCHEMA_DEPTH:
             raise self.refuse(f"nests groups more than {MAX_SCHEMA_DEPTH} deep")
-        total = sequence = 0
+        total = sequence = run = 0
         while self.pos < len(self.text) and self.text[self.pos] != ")":
             if self.text[self.pos] == "|":
-                total, sequence = total + sequence, 0
+                total, sequence, run = total + sequence, 0, 0
                 self.pos += 1
                 continue
-            sequence = self.check(sequence + self.repeated(self.atom(depth)))
+            literal = self.text[self.pos] not in "([."
+            size = self.atom(depth)
+            # The converter joins a run of literal characters into one literal and repeats the whole run for a
+            # count after it ('\\.' * 2000 + '{1000}' became 4 MB): a count multiplies the run, not one atom.
+            run = run + size if literal else 0
+            before = self.pos
+            repeated = self.repeated(run if literal else size)
+            if self.pos == before:  # no count: the atom alone
+                repeated = size
+            sequence = self.check(sequence + repeated)
         return self.check(total + sequence)
 
     def atom(self, depth: int) -> int:
@@ -175,10 +187,15 @@ class _PatternSize:
 def _is_count(inside: str) -> bool:
     """``m``, ``m,`` or ``m,n`` (what makes ``{...}`` a quantifier rather than literal braces)."""
     low, _, high = inside.partition(",")
-    return low.strip().isdigit() and (not high.strip() or high.strip().isdigit())
+    low, high = low.strip(), high.strip()
+    return _digits(low) and (not high or _digits(high))
 
 
-def check_pattern(pattern: object, path: str) -> None:
+def _digits(text: str) -> bool:
+    return text.isascii() and text.isdecimal()  # '²' is a digit to str.isdigit, and int() refuses it
+
+
+def check_pattern(pattern: object, path: str) -> int:
     """Refuse a ``pattern`` whose grammar would be too large to build, before the converter builds it."""
     if not isinstance(pattern, str):
         raise SchemaError(f"'pattern' at {path} must be a string", keyword="pattern")
@@ -186,12 +203,17 @@ def check_pattern(pattern: object, path: str) -> None:
         raise SchemaError(f"'pattern' at {path} has {len(pattern)} characters; at most {MAX_PATTERN_CHARS} are "
                           "allowed", keyword="pattern")
     size = _PatternSize(pattern, path)
+    total = 0
     while size.pos < len(pattern):  # a stray ")" is the converter's to report: step over it
-        size.check(size.alternatives(0))
+        total = size.check(total + size.alternatives(0))
         size.pos += 1
+    return total
 
 
-def _check(schema: Any, path: str, depth: int = 0) -> None:
+def _check(schema: Any, path: str, depth: int = 0, patterns: list[int] | None = None) -> None:
+    """Refuse what the converter cannot enforce or would make too large; ``patterns`` sums the patterns'
+    expansions over the whole schema (twenty patterns each under the limit still build megabytes)."""
+    patterns = [0] if patterns is None else patterns
     if depth > MAX_SCHEMA_DEPTH:
         raise SchemaError(f"the schema nests more than {MAX_SCHEMA_DEPTH} levels deep (at {path})", keyword="depth")
     if isinstance(schema, bool):
@@ -214,7 +236,7 @@ def _check(schema: Any, path: str, depth: int = 0) -> None:
                 raise SchemaError(f"'{key}' at {path} has {len(value)} entries; at most {MAX_ALTERNATIVES} are "
                                   "allowed", keyword=key)
             for name, sub in value.items():
-                _check(sub, f"{path}/{key}/{name}", depth + 1)
+                _check(sub, f"{path}/{key}/{name}", depth + 1, patterns)
         elif key in ("anyOf", "oneOf", "allOf", "prefixItems"):
             if not isinstance(value, list) or not value:
                 raise SchemaError(f"'{key}' at {path} must be a non-empty array", keyword=key)
@@ -222,14 +244,17 @@ def _check(schema: Any, path: str, depth: int = 0) -> None:
                 raise SchemaError(f"'{key}' at {path} has {len(value)} entries; at most {MAX_ALTERNATIVES} are "
                                   "allowed", keyword=key)
             for i, sub in enumerate(value):
-                _check(sub, f"{path}/{key}/{i}", depth + 1)
+                _check(sub, f"{path}/{key}/{i}", depth + 1, patterns)
         elif key == "items":
             for i, sub in enumerate(value if isinstance(value, list) else [value]):
-                _check(sub, f"{path}/items" + (f"/{i}" if isinstance(value, list) else ""), depth + 1)
+                _check(sub, f"{path}/items" + (f"/{i}" if isinstance(value, list) else ""), depth + 1, patterns)
         elif key == "additionalProperties" and not isinstance(value, bool):
-            _check(value, f"{path}/additionalProperties", depth + 1)
+            _check(value, f"{path}/additionalProperties", depth + 1, patterns)
         elif key == "pattern":
-            check_pattern(value, path)
+            patterns[0] += check_pattern(value, path)
+            if patterns[0] > MAX_PATTERN_ELEMENTS:
+                raise SchemaError(f"the schema's patterns expand to more than {MAX_PATTERN_ELEMENTS} grammar "
+                                  f"elements together (at {path})", keyword="pattern")
         elif key == "type":
             types = value if isinstance(value, list) else [value]
             unknown = [t for t in types if t not in TYPES]

@@ -107,11 +107,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._refused = True
         if self._busy():
             self.transport.close()
+            self._arm_write_if_unsent()
             return
         self.transport.write(_response(status, reason, message, code))
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.loop.call_later(LINGER_S, self.transport.close)
+        self._arm_write_if_unsent()
 
     def _head_timed_out(self) -> None:
         self._deadline = None
@@ -155,8 +157,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _write_timed_out(self) -> None:
         self._write_deadline = None
+        if self.transport.get_write_buffer_size() == 0:  # it drained without a pause: nothing is stuck
+            return
         log.info("aborting a connection whose client read nothing for %g s", self.limits.write_timeout_s)
         self.transport.abort()
+
+    def _arm_write_if_unsent(self) -> None:
+        """Bytes still unsent below the pause mark get the same deadline: closing waits for them to leave, and a
+        client that never reads would hold the connection (and its place in LIMIT_CONCURRENCY) for ever."""
+        if self._write_deadline is None and self.transport.get_write_buffer_size() > 0:
+            self._write_deadline = self.loop.call_later(self.limits.write_timeout_s, self._write_timed_out)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -198,5 +208,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        self._arm_write_if_unsent()
         if not self.transport.is_closing() and not self._busy() and self._in_head:
             self._arm(self.limits.header_timeout_s, self._head_timed_out)

@@ -30,7 +30,8 @@ REFUSALS = frozenset({"rejected", "queue_timeout"})
 # Routes counted by llama_http_requests_total (the API; probes and the playground's files are not).
 API_ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/messages",
               "/v1/messages/count_tokens", "/v1/responses", "/tokenize", "/detokenize",
-              "/api/chat", "/api/generate", "/api/show", "/api/tags", "/api/ps", "/api/version")
+              "/api/chat", "/api/generate", "/api/show", "/api/tags", "/api/ps", "/api/version",
+              "/native/generate")
 
 
 class _OutcomeCounter:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,9 +25,10 @@ from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# The bound on a grammar's parse stacks, in the llama.cpp this server is built with
-# (scripts/patches/llama-grammar-bounds.patch).
-GRAMMAR_MAX_STACKS = 256
+# The bound on a grammar's parse stacks in the llama.cpp this server is built with
+# (scripts/patches/llama-grammar-bounds.patch: 256 unless LLAMA_GRAMMAR_MAX_STACKS says), for the 400's message.
+_STACKS = os.environ.get("LLAMA_GRAMMAR_MAX_STACKS", "")
+GRAMMAR_MAX_STACKS = int(_STACKS) if _STACKS.isascii() and _STACKS.isdecimal() and int(_STACKS) > 0 else 256
 
 
 class GenerationService:

@@ -51,7 +51,7 @@ def _arguments_value(arguments: str) -> Any:
     """Templates render arguments with ``tojson``: hand them the parsed object when the text is JSON."""
     try:
         return json.loads(arguments)
-    except ValueError:
+    except (ValueError, RecursionError):  # '[' * 5000 nests past the parser's recursion
         return arguments
 
 
@@ -158,7 +158,7 @@ def parse_calls(text: str, tools: list[Tool]) -> list[ToolCall] | None:
     for candidate in _candidates(text):
         try:
             value = json.loads(candidate)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         for item in value if isinstance(value, list) else [value]:
             if not isinstance(item, dict) or item.get("name") not in names:

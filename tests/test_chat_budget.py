@@ -26,6 +26,10 @@ HOSTILE = {
                            "{% endmacro %}{{ d('ab', 40) }}",
     "an output loop": "{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}",
     "doubling by ~": "{% set s = 'ab' %}" + "{% set s = s ~ s %}" * 45 + "{{ s|length }}",
+    "doubling by ~ under autoescape": "{% autoescape true %}{% set s = 'ab' %}" + "{% set s = s ~ s %}" * 45
+                                      + "{{ s|length }}{% endautoescape %}",
+    "a literal width": "{{ '%8000000000s' % '' }}",
+    "a literal precision": "{{ '%.900000000f' % 1.5 }}",
     "doubling in a namespace": "{% set ns = namespace(s='ab') %}{% for i in range(45) %}{% set ns.s = ns.s ~ ns.s %}"
                                "{% endfor %}{{ ns.s|length }}",
 }

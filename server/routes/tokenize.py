@@ -54,6 +54,9 @@ async def tokenize(body: TokenizeRequest | VllmTokenizeRequest, service: Service
         return await _vllm_tokenize(body, service)
     tokens = await service.tokenize(body.content, add_special=body.add_special, parse_special=body.parse_special,
                                     param="content")
+    if len(tokens) > service.engine.slot_ctx:  # as a prompt would be, so the answer stays small
+        raise bad_request(f"the content has {len(tokens)} tokens; at most {service.engine.slot_ctx} (a slot's "
+                          "context) are tokenized at once", param="content", code="context_length_exceeded")
     if body.with_pieces:
         pieces = await asyncio.to_thread(lambda: [TokenPiece(id=t, piece=_piece(model, t)) for t in tokens])
         return TokenizeResponse(tokens=pieces)

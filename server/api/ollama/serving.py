@@ -239,10 +239,15 @@ class Plan:
 
 
 async def _chat_plan(service: GenerationService, body: ChatRequest) -> Plan:
-    native = service.chat_formatter().accepts_tools
     tools = list(body.tools or [])
-    messages = template_messages(chat_messages(body), tools, native)
-    tokens = await service.chat_tokens(messages, template_tools(tools) if native and tools else None)
+
+    def prepare() -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:  # off the loop, as chat's _plan
+        native = service.chat_formatter().accepts_tools
+        return template_messages(chat_messages(body), tools, native), (
+            template_tools(tools) if native and tools else None)
+
+    messages, rendered_tools = await asyncio.to_thread(prepare)
+    tokens = await service.chat_tokens(messages, rendered_tools)
     return Plan(tokens=tokens, tools=tools, logged=messages)
 
 
