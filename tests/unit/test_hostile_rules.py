@@ -92,6 +92,7 @@ def test_an_unclosed_block_falls_back_to_the_whole_answer() -> None:
     ("^((ab|cd){100}){100}$", "grammar elements"),
     ("(" * 100 + "a" + ")" * 100, "nests groups"),
     ("a" * 5000, "characters"),
+    ("^" + "\\." * 2000 + "{1000}$", "grammar elements"),  # the converter repeats the whole literal run
 ])
 def test_a_pattern_that_would_expand_past_the_limit_is_refused_at_once(pattern: str, why: str) -> None:
     result, seconds = _timed(schema_to_grammar, {"type": "string", "pattern": pattern})
@@ -127,6 +128,20 @@ def _nested(depth: int) -> dict[str, object]:
 def test_schemas_past_a_limit_are_refused_by_name(schema: dict[str, object], keyword: str) -> None:
     result, seconds = _timed(schema_to_grammar, schema)
     assert isinstance(result, SchemaError) and result.keyword == keyword, result
+    assert seconds < 0.05
+
+
+def test_a_count_in_other_digits_is_a_schema_error_not_a_crash() -> None:
+    with pytest.raises(SchemaError):  # '²' passes str.isdigit and int() refuses it: once a 500
+        schema_to_grammar({"type": "string", "pattern": "^a{²}$"})
+
+
+def test_the_patterns_of_a_schema_are_bounded_together() -> None:
+    one = {"type": "string", "pattern": "^" + "ab" * 300 + "{10}$"}  # each well under the limit alone
+    assert "root ::=" in schema_to_grammar(one)
+    many = {"type": "object", "properties": {f"p{i}": one for i in range(20)}}
+    result, seconds = _timed(schema_to_grammar, many)
+    assert isinstance(result, SchemaError) and "together" in str(result)
     assert seconds < 0.05
 
 
