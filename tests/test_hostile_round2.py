@@ -155,9 +155,39 @@ def test_a_grammar_whose_stacks_double_with_each_character_is_served_within_its_
     assert seconds < 10
 
 
+def test_a_grammar_whose_candidate_checks_multiply_is_served_within_its_bound(server: LiveServer) -> None:
+    """200 equal alternatives under a star: checking one token of L characters against them costs 200^L unless
+    the check has a budget (past it, candidates are refused: stricter, never looser)."""
+    grammar = ("root ::= x*\nx ::= " + " | ".join(f"a{i}" for i in range(200)) + "\n"
+               + "".join(f"a{i} ::= [a-df-z ]\n" for i in range(200)))
+    with witnessed(server):
+        resp, seconds = _post(server, "/generate", {"prompt": "The house", "max_length": 6, "grammar": grammar})
+    assert resp.status_code in (200, 400), resp.text
+    if resp.status_code == 200:
+        assert "e" not in resp.json()["text"]  # whatever got through matches the grammar
+    assert seconds < 30
+
+
+def test_a_grammar_that_can_lose_its_last_parse_ends_the_request_cleanly(server: LiveServer) -> None:
+    """The stacks' bound can drop the one path a token needed (256 stacks of one branch fill it first); the grammar
+    then reaches a dead end, which ends the request with an error, never the process."""
+    grammar = ('root ::= "t" (a | b)\na ::= "he"\nb ::= "h" c\nc ::= ' + " | ".join(['"x"'] * 256) + "\n")
+    for _ in range(3):
+        resp, _ = _post(server, "/generate", {"prompt": "Write the word: the", "max_length": 4, "temperature": 0,
+                                              "grammar": grammar})
+        assert resp.status_code in (200, 400, 500), resp.text
+        if resp.status_code == 200:
+            assert resp.json()["text"] in ("t", "th", "the", "thx"), resp.json()["text"]
+        else:
+            assert resp.json()["error"]["message"]
+    assert httpx.get(server.url + "/health", timeout=5).status_code == 200
+    ok, _ = _post(server, "/generate", {"prompt": "Hi", "max_length": 2})
+    assert ok.status_code == 200
+
+
 def test_a_schema_of_nested_ambiguous_arrays_is_served_and_valid(server: LiveServer) -> None:
     """Each level is an anyOf of two arrays of the next: every "[" the model writes doubles the parse stacks."""
-    depth = 12
+    depth = 24  # 2^24 parse stacks by the last "[" without the bound
     defs: dict[str, object] = {"l0": {"type": "integer"}}
     for i in range(1, depth + 1):
         ref = {"$ref": f"#/$defs/l{i - 1}"}
