@@ -164,7 +164,6 @@ async def _measure_vocab_when_loaded(engine: Engine, service: GenerationService)
     await asyncio.to_thread(engine.loaded.wait)
     if engine.state is EngineState.READY:
         await service.vocab_facts()
-        await service.load_chat_template()
 
 
 async def _watch_load(engine: Engine, on_fatal: Callable[[str], None] | None) -> None:

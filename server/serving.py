@@ -126,14 +126,6 @@ class GenerationService:
             self._chat = formatter
         return self._chat
 
-    async def load_chat_template(self) -> None:
-        """Compile and try the chat template once the model is loaded (off the event loop), so a hostile one is
-        refused and logged at start, not on a user's first request."""
-        try:
-            await asyncio.to_thread(self.chat_formatter)
-        except APIError:
-            pass  # logged, and answered on every chat request
-
     async def check_grammar(self, grammar: str, param: str) -> None:
         """A 400 for a grammar llama.cpp cannot parse (its log says where), before the request takes a slot."""
         model = self.engine.model

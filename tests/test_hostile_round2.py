@@ -393,14 +393,14 @@ HOSTILE_TEMPLATES = {
 
 
 @pytest.mark.parametrize("template", list(HOSTILE_TEMPLATES.values()), ids=list(HOSTILE_TEMPLATES))
-def test_a_hostile_chat_template_is_refused_at_load(tmp_path: Path, template: str) -> None:
+def test_a_hostile_chat_template_is_refused_on_first_use_and_after(tmp_path: Path, template: str) -> None:
     srv = start_server(tmp_path, "--chat-template", template)
     try:
-        deadline = time.monotonic() + 20
-        while "chat template is refused" not in srv.log():
-            assert time.monotonic() < deadline, srv.log()
-            time.sleep(0.1)
-        start = time.monotonic()
+        first = httpx.post(srv.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]},
+                           timeout=10)
+        assert first.status_code == 500 and first.json()["error"]["code"] == "invalid_chat_template", first.text
+        assert "chat template is refused" in srv.log()
+        start = time.monotonic()  # refused once for all: the next request does not try it again
         resp = httpx.post(srv.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]},
                           timeout=10)
         assert resp.status_code == 500 and resp.json()["error"]["code"] == "invalid_chat_template", resp.text
