@@ -173,6 +173,27 @@ def parse_calls(text: str, tools: list[Tool]) -> list[ToolCall] | None:
     return calls or None
 
 
+class HeldCall:
+    """A stream's text while it may still be a tool call: held back until it is plainly not one (then passed on,
+    the held part with it) or until the answer ends (``held`` is then the whole answer, to parse)."""
+
+    def __init__(self, tools: bool) -> None:
+        self._holding: bool | None = None if tools else False
+        self.held = ""
+
+    def push(self, text: str) -> str:
+        """What to pass on now: ``text`` (with what was held), or "" while it is held."""
+        if self._holding is False:
+            return text
+        self.held += text
+        if self._holding is None:
+            self._holding = looks_like_call(self.held)
+        if self._holding is not False:
+            return ""
+        text, self.held = self.held, ""
+        return text
+
+
 def looks_like_call(text: str) -> bool | None:
     """Whether an answer that begins with ``text`` may be a call, so a stream holds it back until the end;
     None while it cannot tell yet (nothing but blanks, or part of ``<tool_call>``)."""

@@ -66,7 +66,7 @@ from server.openai_protocol import ChatMessage, FunctionCall, FunctionDefinition
 from server.openai_serving import ArgumentsScanner  # the required call's scanner, shared with OpenAI's stream
 from server.serving import GenerationService
 from server.sse import TokenEventSourceResponse
-from server.tools import call_grammar, looks_like_call, parse_calls, template_messages, template_tools
+from server.tools import HeldCall, call_grammar, parse_calls, template_messages, template_tools
 
 CLIENT_CLOSED = 499  # the client went away; only logged
 NO_VISION = "this server has no vision: {kind} blocks are not supported (send text)"
@@ -344,21 +344,15 @@ class _MessageStream:
             yield sse
 
     async def _text(self, fields: dict[str, object]) -> AsyncIterator[ServerSentEvent | bytes]:
-        holding: bool | None = None if self.prompt.tools else False
-        held = ""
+        holder = HeldCall(bool(self.prompt.tools))
         async for event in self.service.stream(self.handle, fields):
             if isinstance(event, TokenEvent):
                 self.finder.push(event)
                 if not event.text:
                     continue
-                text = event.text
-                if holding is not False:
-                    held += text
-                    if holding is None:
-                        holding = looks_like_call(held)
-                    if holding is not False:
-                        continue
-                    text, held = held, ""
+                text = holder.push(event.text)
+                if not text:
+                    continue
                 if not self.open:
                     yield self._start(TextContent(text=""))
                 yield _text_delta(self.index, text)
@@ -376,10 +370,10 @@ class _MessageStream:
                     for sse in self._end(event, "tool_use", None):
                         yield sse
                     return
-                if not self.open and (held or self.index < 0):  # an answer has at least one block
+                if not self.open and (holder.held or self.index < 0):  # an answer has at least one block
                     yield self._start(TextContent(text=""))
-                if held:
-                    yield _text_delta(self.index, held)
+                if holder.held:
+                    yield _text_delta(self.index, holder.held)
                 for sse in self._end(event, *self.finder.reason(event)):
                     yield sse
             else:

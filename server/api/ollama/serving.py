@@ -57,7 +57,7 @@ from server.grammar import JSON_OBJECT_GRAMMAR
 from server.openai_protocol import ChatMessage, FunctionCall, Tool, grammar_of_schema
 from server.openai_protocol import ToolCall as OpenAIToolCall
 from server.serving import GenerationService
-from server.tools import looks_like_call, new_call_id, parse_calls, template_messages, template_tools
+from server.tools import HeldCall, new_call_id, parse_calls, template_messages, template_tools
 
 CLIENT_CLOSED = 499  # the client went away; only logged
 NDJSON = "application/x-ndjson"
@@ -367,27 +367,21 @@ class _Answer:
     async def lines(self, handle: RequestHandle, fields: dict[str, object]) -> AsyncIterator[bytes]:
         """The stream: a line per token's text; with tools, an answer that may be a call is held back until it
         is whole, then sent as one ``tool_calls`` line or as text; the final line; ``{"error"}`` on failure."""
-        holding: bool | None = None if self.plan.tools else False
-        held = ""
+        holder = HeldCall(bool(self.plan.tools))
         async for event in self.service.stream(handle, fields):
             if isinstance(event, TokenEvent):
                 if not event.text:
                     continue
-                text = event.text
-                if holding is not False:
-                    held += text
-                    if holding is None:
-                        holding = looks_like_call(held)
-                    if holding is not False:
-                        continue
-                    text, held = held, ""
+                text = holder.push(event.text)
+                if not text:
+                    continue
                 yield self.token(text)
             elif isinstance(event, FinalEvent):
                 calls = self._calls(event)
                 if calls:
                     yield self._calls_line(calls)
-                elif held:
-                    yield self.token(held)
+                elif holder.held:
+                    yield self.token(holder.held)
                 yield self.final(event, whole=False)
             else:
                 yield _error_line(event)

@@ -64,7 +64,7 @@ from server.openai_protocol import ChatMessage, FunctionCall, FunctionDefinition
 from server.openai_serving import ArgumentsScanner  # the required call's scanner, shared with the chat stream
 from server.serving import GenerationService
 from server.sse import TokenEventSourceResponse
-from server.tools import call_grammar, looks_like_call, new_call_id, parse_calls, template_messages, template_tools
+from server.tools import HeldCall, call_grammar, new_call_id, parse_calls, template_messages, template_tools
 
 CLIENT_CLOSED = 499  # the client went away; only logged
 NO_VISION = "this server has no vision: {kind} parts are not supported (send text)"
@@ -374,26 +374,20 @@ class _ResponseStream:
             yield sse
 
     async def _text(self, fields: dict[str, object]) -> AsyncIterator[ServerSentEvent | bytes]:
-        holding: bool | None = None if self.prompt.tools else False
-        held = ""
+        holder = HeldCall(bool(self.prompt.tools))
         async for event in self.service.stream(self.handle, fields):
             if isinstance(event, TokenEvent):
                 if not event.text:
                     continue
-                text = event.text
-                if holding is not False:
-                    held += text
-                    if holding is None:
-                        holding = looks_like_call(held)
-                    if holding is not False:
-                        continue
-                    text, held = held, ""
+                text = holder.push(event.text)
+                if not text:
+                    continue
                 if self.message is None:
                     for sse in self._open_message():
                         yield sse
                 yield self._delta(text)
             elif isinstance(event, FinalEvent):
-                calls = _calls(self.prompt, event) if held else []
+                calls = _calls(self.prompt, event) if holder.held else []
                 for call in calls:
                     self.output.append(call.model_copy(update={"arguments": "", "status": "in_progress"}))
                     yield self._sse(OutputItemEvent(type="response.output_item.added",
@@ -406,8 +400,8 @@ class _ResponseStream:
                     if self.message is None:  # an answer has at least one item
                         for sse in self._open_message():
                             yield sse
-                    if held:
-                        yield self._delta(held)
+                    if holder.held:
+                        yield self._delta(holder.held)
                     for sse in self._close_message(cut):
                         yield sse
                 yield self._end(event, cut)
