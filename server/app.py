@@ -15,15 +15,17 @@ from fastapi.staticfiles import StaticFiles
 
 from server import __version__
 from server.api.anthropic import router as anthropic
+from server.api.embeddings import router as embeddings
 from server.api.ollama import router as ollama
 from server.api.responses import router as responses
 from server.body_limit import BodyLimitMiddleware
 from server.docs import ASSETS_URL, assets_dir, docs_urls, install_docs
+from server.embeddings import EmbeddingService
 from server.engine.core import Engine, EngineState
 from server.errors import install_error_handlers
 from server.json_body import JsonBodyMiddleware
 from server.metrics import HttpMetricsMiddleware, Metrics
-from server.model_files import resolve_model_path
+from server.model_files import check_gguf, resolve_model_path
 from server.request_log import RequestLogMiddleware
 from server.routes import native, openai, ops, tokenize, ui
 from server.security import (
@@ -69,6 +71,8 @@ def create_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = N
     and ``/ready`` turns 200 when it is loaded. If loading fails, ``on_fatal`` is called with the reason
     (the CLI stops the server and exits non-zero)."""
     path = resolve_model_path(settings.model_path)
+    if settings.embedding_model_path is not None:
+        check_gguf(settings.embedding_model_path.expanduser())
     key_checker = KeyChecker(settings.api_keys())
 
     @asynccontextmanager
@@ -80,6 +84,7 @@ def create_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = N
         app.state.metrics = metrics
         app.state.engine = engine
         app.state.service = GenerationService(engine, settings, model_name(settings, path))
+        app.state.embeddings = EmbeddingService(engine, settings, model_name(settings, path))
         metrics.bind_model(_model_labels(engine, settings, model_name(settings, path)))
         engine.start()
         watcher = asyncio.create_task(_watch_load(engine, on_fatal))
@@ -123,6 +128,7 @@ def create_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = N
     install_error_handlers(app)
     app.include_router(native.router)
     app.include_router(openai.router)
+    app.include_router(embeddings.router)
     app.include_router(anthropic.router)
     app.include_router(ollama.router)
     app.include_router(ollama.probe)

@@ -178,14 +178,15 @@ def resolve_model(settings: Settings) -> Settings:
     is."""
     from convert.pull import parse_model_ref, pull
 
-    given = settings.model_path
-    if given is None or given.exists() or given.suffix == ".gguf":
-        return settings
-    ref = parse_model_ref(str(given))
-    if ref is None:
-        return settings
-    path = pull(ref.repo_id, quant=ref.quant, revision=ref.revision, prefer_cache=True)
-    return settings.model_copy(update={"model_path": path})
+    update = {}
+    for field in ("model_path", "embedding_model_path"):  # the chat model, and the embedding model beside it
+        given = getattr(settings, field)
+        if given is None or given.exists() or given.suffix == ".gguf":
+            continue
+        ref = parse_model_ref(str(given))
+        if ref is not None:
+            update[field] = pull(ref.repo_id, quant=ref.quant, revision=ref.revision, prefer_cache=True)
+    return settings.model_copy(update=update) if update else settings
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

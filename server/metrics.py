@@ -106,6 +106,14 @@ class Metrics:
             "llama_request_duration_seconds", "Arrival to last token", buckets=_LATENCY_BUCKETS, registry=r
         )
         self.decode_steps = Counter("llama_decode_steps", "llama_decode calls made by the engine", registry=r)
+        self.embedding_requests = Counter(
+            "llama_embedding_requests", "Embedding requests ended, by outcome (ok, error, cancelled)", ["outcome"],
+            registry=r)
+        for outcome in ("ok", "error", "cancelled"):
+            self.embedding_requests.labels(outcome=outcome)
+        self.embedding_inputs = Counter("llama_embedding_inputs", "Inputs embedded", registry=r)
+        self.embedding_tokens = Counter("llama_embedding_tokens", "Tokens of the inputs embedded", registry=r)
+        self.embedding_steps = Counter("llama_embedding_steps", "Decodes of the embedding context", registry=r)
         self.draft_tokens = Counter(
             "llama_draft_tokens", "Speculative decoding: tokens drafted for verification", registry=r)
         self.draft_accepted = Counter(

@@ -156,6 +156,34 @@ class Settings(BaseSettings):
         "or a request's 'speculative': true).",
     )
 
+    # Embeddings
+    embedding_model_path: Path | None = Field(
+        default=None,
+        description="GGUF embedding model (all-MiniLM, nomic-embed-text, EmbeddingGemma...) served by /v1/embeddings "
+        "and Ollama's /api/embed beside the chat model, in a llama.cpp context of its own, or a Hugging Face "
+        "repository REPO[@REVISION][:QUANT] as for MODEL_PATH. Unset: no embeddings, unless EMBEDDING_POOLING is set "
+        "(then the chat model embeds).",
+    )
+    embedding_pooling: Literal["mean", "cls", "last"] | None = Field(
+        default=None,
+        description="How an input's token outputs make its embedding. Unset: the embedding GGUF's own "
+        "(pooling_type). Set without EMBEDDING_MODEL_PATH: the chat model serves embeddings, pooled this way.",
+    )
+    embedding_batch_size: int = Field(
+        default=2048, ge=16, le=8192,
+        description="Most tokens of one embedding decode (many inputs, each a sequence); an input longer than this "
+        "or than the embedding model's context is refused with a 400, never cut.",
+    )
+    embedding_max_inputs: int = Field(
+        default=2048, ge=1, le=100_000, description="Most inputs one embedding request may carry (OpenAI's bound).")
+    embedding_max_tokens: int = Field(
+        default=262_144, ge=1, le=1 << 24, description="Most tokens, all inputs together, of one embedding request.")
+    embedding_dimensions: Annotated[list[int], NoDecode] = Field(
+        default_factory=list,
+        description="Widths a request's 'dimensions' may cut an embedding to (comma-separated), for a model trained "
+        "for it (Matryoshka: nomic-embed-text v1.5, EmbeddingGemma...). Unset: 'dimensions' must be the full width.",
+    )
+
     # Requests
     queue_size: int = Field(
         default=16, ge=0, le=100_000,
@@ -251,7 +279,7 @@ class Settings(BaseSettings):
     log_json: bool = Field(default=False, description="Write logs as JSON lines.")
     log_prompts: bool = Field(default=False, description="Include prompts in the per-request log lines.")
 
-    @field_validator("served_model_name", mode="before")
+    @field_validator("served_model_name", "embedding_dimensions", mode="before")
     @classmethod
     def _names(cls, value: object) -> object:
         """A comma-separated string (SERVED_MODEL_NAME=a,b) or a JSON list, as a list of names."""
@@ -324,7 +352,14 @@ class Settings(BaseSettings):
             raise ValueError("speculative is 'draft' but no draft_model_path is set")
         if self.draft_model_path is not None and not self.draft_model_path.is_file():
             raise ValueError(f"draft_model_path {self.draft_model_path} is not a file")
+        if any(d < 1 for d in self.embedding_dimensions):
+            raise ValueError("embedding_dimensions must be positive widths")
         return self
+
+    @property
+    def embeddings_on(self) -> bool:
+        """Whether /v1/embeddings is served: an embedding model given, or the chat model with a pooling."""
+        return self.embedding_model_path is not None or self.embedding_pooling is not None
 
     @field_validator("trusted_proxies")
     @classmethod

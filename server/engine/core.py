@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from server.engine.draft import DraftModel
+from server.engine.embedding import Embedder, EmbeddingHandle, EmbeddingRequest
 from server.engine.llama import Batch, LlamaContext, LlamaError, LlamaModel, ModelInfo, system_info
 from server.engine.prompt_cache import Entry, PromptCache, worth_restoring
 from server.engine.sampling import GrammarDeadEnd, Sampler
@@ -139,6 +140,10 @@ class Engine:
         self._copy_pending: set[int] = set()  # sequences in a KV-stream copy llama.cpp makes at the next decode
         self._prefilling_now: frozenset[RequestHandle] = frozenset()  # requests with prompt tokens in this step
         self._draft_model: DraftModel | None = None
+        self.embedder: Embedder | None = None  # made at load where embeddings are served
+        self._embed_incoming: list[EmbeddingHandle] = []  # submitted, not yet in the embedder's queue; _lock
+        self._embed_owed = False  # an embedding step was skipped for a prefill step: the next one runs
+        self._step_prefilled = False  # the last generation step carried prompt tokens
         self._progress_at = time.monotonic()  # the engine loop's last turn
         self._busy_since = time.monotonic()  # when in_flight last left 0
         self.ended = threading.Event()  # the engine thread has ended
@@ -234,6 +239,29 @@ class Engine:
         self._wake.set()
         return handle
 
+    def submit_embedding(self, request: EmbeddingRequest, loop: asyncio.AbstractEventLoop | None = None
+                         ) -> EmbeddingHandle:
+        """Queue inputs for the embedding context; the same admission as :meth:`submit` (a request in flight
+        either way), raising :class:`EngineOverloaded` at once when it is full."""
+        loop = loop or asyncio.get_running_loop()
+        handle = EmbeddingHandle(request=request, loop=loop, future=loop.create_future())
+        with self._lock:
+            if self.state is not EngineState.READY or self._stopping or self.draining:
+                raise EngineNotReady(self.not_ready_reason())
+            if self.embedder is None:
+                raise EngineNotReady("this server serves no embeddings")
+            if self._in_flight >= self.settings.parallel + self.settings.queue_size:
+                self.metrics.requests.labels(outcome="rejected").inc()
+                raise EngineOverloaded(
+                    f"all {self.settings.parallel} slots are busy and {self.settings.queue_size} requests wait"
+                )
+            if self._in_flight == 0:
+                self._busy_since = time.monotonic()
+            self._in_flight += 1
+            self._embed_incoming.append(handle)
+        self._wake.set()
+        return handle
+
     def _on_cancel(self, handle: RequestHandle) -> None:
         """From the caller's thread: a request whose prompt is being prefilled right now stops that step."""
         if handle in self._prefilling_now:
@@ -281,6 +309,8 @@ class Engine:
             if self.state is EngineState.READY:
                 self.state = EngineState.STOPPED
             self._ctx.close()
+            if self.embedder is not None:
+                self.embedder.close()
             if self._draft_model is not None:
                 self._draft_model.close()
             if self.model is not None:
@@ -313,6 +343,8 @@ class Engine:
             kv_unified=s.kv_unified,
         )
         self._batch = Batch(s.batch_size)
+        if s.embeddings_on:
+            self._load_embedder()
         self._bind_metrics(self._ctx.n_ctx)  # llama.cpp rounds each sequence's cells up (to 256)
         if s.draft_model_path is not None:
             self._draft_model = DraftModel(
@@ -339,6 +371,22 @@ class Engine:
             f"{self._prompt_cache.limit_bytes / 2**20:.0f} MiB" if self._prompt_cache is not None else "off",
         )
 
+    def _load_embedder(self) -> None:
+        s = self.settings
+        own = s.embedding_model_path is not None
+        model = LlamaModel(s.embedding_model_path.expanduser(), use_mmap=s.use_mmap) if own else self.model  # type: ignore[union-attr]
+        assert model is not None
+        try:
+            self.embedder = Embedder(model, own_model=own, pooling=s.embedding_pooling, n_batch=s.embedding_batch_size,
+                                     n_threads=s.n_threads, n_threads_batch=s.threads_batch, flash_attn=s.flash_attn)
+        except LlamaError:
+            if own:
+                model.close()
+            raise
+        e = self.embedder
+        log.info("embedding model: %s (%s pooling, %d dimensions, inputs up to %d tokens, %d tokens a decode)",
+                 model.path if own else "the chat model", e.pooling, e.dimensions, e.max_input_tokens, e.n_batch)
+
     def _loop(self) -> None:
         while True:
             self._progress_at = time.monotonic()
@@ -347,12 +395,38 @@ class Engine:
                     return
             self._drop_cancelled()
             self._admit()
-            if not any(s.active for s in self._slots):
+            streams = any(s.active for s in self._slots)
+            embedding = self.embedder is not None and self.embedder.pending()
+            if not streams and not embedding:
                 # Idle: sleep until a request arrives (or, with requests queued, until one may time out).
                 self._wake.wait(timeout=1.0 if self._waiting else None)
                 self._wake.clear()
                 continue
-            self._step()
+            if streams:
+                self._step()
+            if embedding:
+                self._embed_step(streams)
+
+    def _embed_step(self, streams: bool) -> None:
+        """Embed the next inputs. Beside generating streams, the prefill rule: about one decode step's worth of
+        work (the streams' gap at most doubles), and not right after a step that prefilled a prompt (the two take
+        turns). Alone, a whole batch."""
+        assert self.embedder is not None
+        if streams and self._step_prefilled and not self._embed_owed:
+            self._embed_owed = True
+            return
+        self._embed_owed = False
+        max_tokens = self.embedder.pace.tokens(self._budget.decode_s) if streams else None
+        done, failed, cancelled = self.embedder.step(max_tokens)
+        self.metrics.embedding_steps.inc()
+        with self._lock:
+            self._in_flight -= len(done) + len(failed) + len(cancelled)
+        for handle in done:
+            self.metrics.embedding_inputs.inc(len(handle.request.inputs))
+            self.metrics.embedding_tokens.inc(handle.request.n_tokens)
+        for outcome, handles in (("ok", done), ("error", failed), ("cancelled", cancelled)):
+            if handles:
+                self.metrics.embedding_requests.labels(outcome=outcome).inc(len(handles))
 
     def _drop_cancelled(self) -> None:
         for slot in self._slots:
@@ -376,6 +450,12 @@ class Engine:
                 status=503, code="queue_timeout"))
 
     def _admit(self) -> None:
+        if self._embed_incoming:
+            with self._lock:
+                incoming, self._embed_incoming = self._embed_incoming, []
+            for handle in incoming:
+                assert self.embedder is not None
+                self.embedder.enqueue(handle)
         while True:
             free = [s for s in self._slots if s.active is None]
             with self._lock:
@@ -542,6 +622,7 @@ class Engine:
                 room = max(1, budget - n_drafts) if budget else 0
             self._add_prompts(batch, waiting, room, added, outputs, whole=False)
         prefilling = [slot.active.handle for slot, _ in added[n_decode:] if slot.active is not None]
+        self._step_prefilled = bool(prefilling)
         self._ctx.clear_abort()
         self._prefilling_now = frozenset(prefilling)
         if any(h.cancelled for h in prefilling):
@@ -765,3 +846,12 @@ class Engine:
             self._in_flight -= len(waiting)
         for handle in waiting:
             handle.publish(ErrorEvent(message=message, status=503, code="shutting_down"))
+        with self._lock:
+            incoming, self._embed_incoming = self._embed_incoming, []
+            self._in_flight -= len(incoming)
+        for embed in incoming:
+            embed.fail(message, status=503)
+        if self.embedder is not None:
+            dropped = self.embedder.fail_all(message, status=503)
+            with self._lock:
+                self._in_flight -= len(dropped)

@@ -228,8 +228,13 @@ class LlamaContext:
         flash_attn: bool = True,
         cache_type: str = "f16",
         kv_unified: bool = False,
+        embeddings: bool = False,
+        pooling: int = llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED,
     ) -> None:
         params = llama_cpp.llama_context_default_params()
+        # An embedding context: llama.cpp pools each sequence's outputs (``pooling``; unspecified: the GGUF's).
+        params.embeddings = embeddings
+        params.pooling_type = pooling
         params.type_k = params.type_v = CACHE_TYPES[cache_type]
         params.n_ctx = n_ctx
         params.n_batch = n_batch
@@ -253,7 +258,9 @@ class LlamaContext:
         self.n_ctx = llama_cpp.llama_n_ctx(self._ptr)
         self.n_ctx_seq = llama_cpp.llama_n_ctx_seq(self._ptr)  # cells of one sequence, after llama.cpp's rounding
         self.n_batch = n_batch
-        self.memory = llama_cpp.llama_get_memory(self._ptr)
+        self.memory = llama_cpp.llama_get_memory(self._ptr)  # NULL for encoders (BERT): they keep no cells
+        self.pooling = int(llama_cpp.llama_pooling_type(self._ptr))
+        self.n_embd = int(llama_cpp.llama_model_n_embd_out(model.ptr))  # a pooled vector's width
         self._abort = _AbortFlag()
         llama_cpp.llama_set_abort_callback(self._ptr, self._abort.callback, self._abort.data)
 
@@ -322,7 +329,15 @@ class LlamaContext:
         return int(llama_cpp.llama_memory_seq_pos_min(self.memory, seq_id))
 
     def clear(self) -> None:
-        llama_cpp.llama_memory_clear(self.memory, True)
+        if self.memory:
+            llama_cpp.llama_memory_clear(self.memory, True)
+
+    def seq_embedding(self, seq_id: int) -> np.ndarray:
+        """The pooled embedding of ``seq_id`` from the last decode of an embedding context (a copy)."""
+        ptr = llama_cpp.llama_get_embeddings_seq(self._ptr, seq_id)
+        if not ptr:
+            raise LlamaError(f"llama.cpp holds no pooled embedding for sequence {seq_id}")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_embd,)).astype(np.float32, copy=True)
 
     def close(self) -> None:
         if self._ptr:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from server.deps import ServiceDep
+from server.deps import EmbeddingsDep, ServiceDep
+from server.embeddings import EmbeddingService
 from server.errors import ERROR_RESPONSES, APIError, ErrorResponse, bad_request
 from server.openai_protocol import (
     ChatCompletion,
@@ -51,16 +52,25 @@ def _build_options(http_request: Request, service: GenerationService) -> dict[st
     return {"cache_prompt": scope is not None, "cache_scope": scope or ""}
 
 
+def _cards(service: GenerationService, embeddings: EmbeddingService) -> list[ModelCard]:
+    """The chat model, and the embedding model beside it when one is served."""
+    cards = [ModelCard(id=service.model_name, created=service.created)]
+    if embeddings.served and embeddings.model_name != service.model_name:
+        cards.append(ModelCard(id=embeddings.model_name, created=service.created))
+    return cards
+
+
 @router.get("/models", response_model=ModelList)
-async def list_models(service: ServiceDep) -> ModelList:
-    return ModelList(data=[ModelCard(id=service.model_name, created=service.created)])
+async def list_models(service: ServiceDep, embeddings: EmbeddingsDep) -> ModelList:
+    return ModelList(data=_cards(service, embeddings))
 
 
 @router.get("/models/{model_id:path}", response_model=ModelCard, responses={404: {"model": ErrorResponse}})
-async def get_model(model_id: str, service: ServiceDep) -> ModelCard:
-    if model_id not in (service.model_name, *service.settings.served_model_name):
-        raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
-    return ModelCard(id=service.model_name, created=service.created)
+async def get_model(model_id: str, service: ServiceDep, embeddings: EmbeddingsDep) -> ModelCard:
+    for card in _cards(service, embeddings):
+        if model_id == card.id or (card.id == service.model_name and model_id in service.settings.served_model_name):
+            return card
+    raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
 
 
 @router.post("/completions", response_model=Completion, responses=RESPONSES)

@@ -189,6 +189,37 @@ class OllamaGenerateResponse(_Done):
     response: str
 
 
+class EmbedRequest(_Body):
+    model: str = Field(min_length=1, description="The embedding model's name (any, unless STRICT_MODEL_NAME).")
+    input: str | list[str] = Field(description="A text or a list of texts.")
+    truncate: bool | None = Field(
+        default=None, description="Accepted; an input longer than the model's context is refused (400) either way: "
+        "nothing is cut.")
+    dimensions: int | None = Field(default=None, ge=1, description="Cut each vector to this width "
+                                   "(EMBEDDING_DIMENSIONS) and normalise it again.")
+    options: dict[str, Any] | None = Field(default=None, description="Accepted and ignored.")
+    keep_alive: str | int | float | None = Field(default=None, description="Accepted: the model stays loaded.")
+
+
+class EmbedResponse(BaseModel):
+    model: str
+    embeddings: list[list[float]] = Field(description="One L2-normalised vector per input.")
+    total_duration: int
+    load_duration: int = 0
+    prompt_eval_count: int
+
+
+class LegacyEmbeddingRequest(_Body):
+    model: str = Field(min_length=1)
+    prompt: str = Field(description="One text.")
+    options: dict[str, Any] | None = Field(default=None, description="Accepted and ignored.")
+    keep_alive: str | int | float | None = None
+
+
+class LegacyEmbeddingResponse(BaseModel):
+    embedding: list[float] = Field(description="The L2-normalised vector (Ollama's legacy route does not normalise).")
+
+
 class OllamaErrorResponse(BaseModel):
     """Ollama's error body, on every /api/* error and as a stream's last line after a failure."""
 

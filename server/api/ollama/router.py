@@ -8,6 +8,8 @@ probe the server with ``HEAD /``: answered here, while ``GET /`` stays the playg
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
@@ -15,6 +17,10 @@ from fastapi.responses import PlainTextResponse
 from server.api.ollama.protocol import (
     ChatRequest,
     ChatResponse,
+    EmbedRequest,
+    EmbedResponse,
+    LegacyEmbeddingRequest,
+    LegacyEmbeddingResponse,
     OllamaErrorResponse,
     OllamaGenerateRequest,
     OllamaGenerateResponse,
@@ -25,7 +31,9 @@ from server.api.ollama.protocol import (
     VersionResponse,
 )
 from server.api.ollama.serving import NDJSON, check_model, model_entry, running_model, serve, show
-from server.deps import ServiceDep
+from server.deps import EmbeddingsDep, ServiceDep
+from server.embeddings import EmbeddingService
+from server.errors import APIError
 from server.security import cache_scope
 
 router = APIRouter(prefix="/api", tags=["ollama"])
@@ -91,3 +99,33 @@ async def chat(body: ChatRequest, request: Request, service: ServiceDep) -> Resp
              summary="Generate from a prompt (Ollama)")
 async def generate(body: OllamaGenerateRequest, request: Request, service: ServiceDep) -> Response:
     return await serve(service, body, request, _options(request, service))
+
+
+def _check_embedding_model(name: str, service: EmbeddingService) -> None:
+    served = (service.model_name, *service.settings.served_model_name)
+    if service.settings.strict_model_name and name.removesuffix(":latest") not in served:
+        raise APIError(404, f"model '{name}' not found", type="not_found_error", param="model",
+                       code="model_not_found")
+
+
+@router.post("/embed", response_model=EmbedResponse, responses={**ERRORS, 501: {"model": OllamaErrorResponse}},
+             summary="Embed texts (Ollama)")
+async def embed(body: EmbedRequest, service: EmbeddingsDep) -> Response:
+    _check_embedding_model(body.model, service)
+    started = time.perf_counter_ns()
+    inputs = [body.input] if isinstance(body.input, str) else body.input
+    result = await service.embed(inputs, dimensions=body.dimensions)
+
+    def answer() -> bytes:  # up to EMBEDDING_MAX_INPUTS vectors: written off the event loop
+        return json.dumps({"model": body.model, "embeddings": [v.tolist() for v in result.vectors],
+                           "total_duration": time.perf_counter_ns() - started, "load_duration": 0,
+                           "prompt_eval_count": result.prompt_tokens}).encode()
+    return Response(await asyncio.to_thread(answer), media_type="application/json")
+
+
+@router.post("/embeddings", response_model=LegacyEmbeddingResponse,
+             responses={**ERRORS, 501: {"model": OllamaErrorResponse}}, summary="Embed one text (Ollama, legacy)")
+async def embeddings(body: LegacyEmbeddingRequest, service: EmbeddingsDep) -> LegacyEmbeddingResponse:
+    _check_embedding_model(body.model, service)
+    result = await service.embed([body.prompt], param="prompt")
+    return LegacyEmbeddingResponse(embedding=result.vectors[0].tolist())
