@@ -134,7 +134,7 @@ def _tokenize(embedder: Embedder, inputs: list[str] | list[list[int]], max_total
                     "those unless check_embedding_ctx_length=False)", param=name, code="invalid_token")
             tokens = tuple(item)
         if len(tokens) > limit:
-            raise _too_long(name, len(tokens), limit)
+            raise _too_long(name, len(tokens), limit, embedder.limit_reason)
         total += len(tokens)
         if total > max_total:
             raise bad_request(f"the inputs hold more than {max_total} tokens together (EMBEDDING_MAX_TOKENS); "
@@ -143,6 +143,6 @@ def _tokenize(embedder: Embedder, inputs: list[str] | list[list[int]], max_total
     return tuple(out)
 
 
-def _too_long(name: str, n: int, limit: int) -> APIError:
-    return bad_request(f"{name} is {n} tokens long; the embedding model takes at most {limit} tokens an input (its "
-                       "context); nothing is cut: split the input", param=name, code="context_length_exceeded")
+def _too_long(name: str, n: int, limit: int, reason: str) -> APIError:
+    return bad_request(f"{name} is {n} tokens long; the embedding model takes at most {limit} tokens an input "
+                       f"({reason}); nothing is cut: split the input", param=name, code="context_length_exceeded")

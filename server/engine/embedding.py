@@ -129,6 +129,8 @@ class Embedder:
         self.n_batch = n_batch
         # An input is decoded whole in one step (a non-causal model attends over all of it at once).
         self.max_input_tokens = min(model.n_ctx_train, n_batch)
+        self.limit_reason = ("its context" if model.n_ctx_train <= n_batch else
+                             f"EMBEDDING_BATCH_SIZE; the model's own context is {model.n_ctx_train}")
         self._batch = Batch(n_batch)
         self._waiting: deque[EmbeddingHandle] = deque()
         self.pace = EmbeddingPace()
