@@ -82,17 +82,6 @@ def stream_generate(client: httpx.Client, prompt: str, max_tokens: int, ignore_e
     return _timed_stream(client, "/generate", body, lambda kind, data: data.get("text") if kind == "token" else None)
 
 
-def stream_openai_completion(client: httpx.Client, prompt: str, max_tokens: int) -> StreamResult:
-    """One streamed OpenAI ``/v1/completions`` request (llama_cpp.server and others), timed at the client."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
-
-    def text_of(_kind: str, data: dict[str, object]) -> str | None:
-        choices = data.get("choices") or []
-        return str(choices[0].get("text") or "") if choices else None  # type: ignore[index,union-attr]
-
-    return _timed_stream(client, "/v1/completions", body, text_of)
-
-
 def iter_sse(chunks: Iterator[tuple[bytes, float]]) -> Iterator[tuple[float, str, str]]:
     """(arrival time, event, data) of each server-sent event, from (chunk, arrival time) pairs: an event
     arrives with the chunk that completes it."""

@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--llama-server", required=True, help="path of llama.cpp's llama-server binary")
     parser.add_argument("--model-path", required=True, help="the embedding GGUF")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=512, help="EMBEDDING_BATCH_SIZE; llama-server -b and -ub")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", default="benchmarks/results/embeddings.json")
     args = parser.parse_args()

@@ -211,10 +211,6 @@ class Engine:
     def queue_depth(self) -> int:
         return len(self._waiting)
 
-    def slot_tokens(self, seq_id: int) -> list[int]:
-        """The tokens whose KV a slot holds (for tests and diagnostics)."""
-        return list(self._slots[seq_id].tokens)
-
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
         if self.model is None or self.state is not EngineState.READY:
             raise EngineNotReady(self.not_ready_reason())

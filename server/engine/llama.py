@@ -99,7 +99,6 @@ class LlamaModel:
         self.vocab = llama_cpp.llama_model_get_vocab(self._ptr)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._ptr)
-        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         self.bos = llama_cpp.llama_vocab_bos(self.vocab)
         self.eos = llama_cpp.llama_vocab_eos(self.vocab)
         # Built once: the engine thread and the event loop (chat formatting) both read them, lock-free.
