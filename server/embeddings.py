@@ -119,10 +119,11 @@ def _tokenize(embedder: Embedder, inputs: list[str] | list[list[int]], max_total
             if not item:
                 raise bad_request(f"{name} is empty", param=name, code="invalid_value")
             try:
-                tokens = tuple(embedder.model.tokenize(item, add_special=True, parse_special=False))
+                item.encode("utf-8")  # the tokenizer would pass a lone surrogate's bytes on
             except UnicodeEncodeError as exc:
                 raise bad_request(f"{name} is not valid Unicode (it holds a lone surrogate)", param=name,
                                   code="invalid_value") from exc
+            tokens = tuple(embedder.model.tokenize(item, add_special=True, parse_special=False))
         else:
             if not item:
                 raise bad_request(f"{name} holds no token", param=name, code="invalid_value")
