@@ -167,7 +167,9 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20, description="Alternatives to report per token.")
     best_of: int | None = None
-    suffix: str | None = None
+    suffix: str | None = Field(
+        default=None, description="Text after the gap: the completion fills in the middle between the prompt and "
+        "this, with the model's fill-in-the-middle tokens (a 400 on a model without them); empty: no suffix.")
 
     def unsupported(self) -> tuple[str, str] | None:
         if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
@@ -179,8 +181,8 @@ class CompletionRequest(SamplingFields):
             return "echo", UNSUPPORTED_MESSAGE.format(field="echo")
         if self.best_of not in (None, 1):
             return "best_of", "best_of must be 1"
-        if self.suffix:
-            return "suffix", UNSUPPORTED_MESSAGE.format(field="suffix")
+        if self.suffix and not isinstance(self.prompt_value(), str):
+            return "suffix", "suffix needs a text prompt (the text before the gap), not token ids"
         return super().unsupported()
 
     def logprobs_wanted(self) -> int | None:

@@ -24,6 +24,7 @@ from server.engine.sampling import SamplingParams
 from server.engine.scheduling import COPY_MIN_TOKENS
 from server.engine.types import Event, FinalEvent, FinishReason, GenerationRequest, RequestHandle, TokenEvent
 from server.errors import APIError, ErrorDetail, ErrorResponse, bad_request, unavailable
+from server.fim import FimText, fim_prompt
 from server.grammar import SchemaError
 from server.openai_protocol import (
     AssistantMessage,
@@ -244,12 +245,17 @@ def _error_event(event: Any) -> ServerSentEvent:
 
 async def serve_completion(service: GenerationService, body: CompletionRequest, prompt: str | list[int],
                            http_request: Request, options: dict[str, Any]) -> Completion | Response:
-    """``options``: further arguments of ``service.build`` (the route's cache scope)."""
+    """``options``: further arguments of ``service.build`` (the route's cache scope). With a ``suffix`` the prompt
+    is the text before the gap, and the two become a fill-in-the-middle prompt (``server/fim.py``)."""
     model = _model(service)
     check_answer_size(service, body, body.max_tokens)
+    logged: object = body.prompt
+    if body.suffix and isinstance(prompt, str):
+        prompt = await fim_prompt(service, FimText(prefix=prompt, suffix=body.suffix))
+        logged, options = {"prompt": body.prompt, "suffix": body.suffix}, {**options, "rendered": True}
     sampling = await asyncio.to_thread(lambda: body.to_sampling(model.n_vocab, body.grammar()))
     choices, fields = await _submit(service, body, prompt, body.max_tokens, sampling, "cmpl", http_request,
-                                    body.prompt, "response_format", options)
+                                    logged, "response_format", options)
     created = int(time.time())
     logprobs = Logprobs(model) if body.logprobs is not None else None
     request_id = choices.requests[0].request_id

@@ -1,4 +1,5 @@
-"""Request and response bodies of the native API (``POST /generate``), as in the seed's README."""
+"""Request and response bodies of the native API (``POST /generate``, as in the seed's README, and llama-server's
+``POST /infill``)."""
 
 from __future__ import annotations
 
@@ -44,19 +45,12 @@ class RouterSampling(BaseModel):
     ignore_eos: bool | None = None
 
 
-class GenerateRequest(BaseModel):
-    """The seed's ``{"prompt", "max_length", "temperature"}``, plus the usual sampling controls, and the shape
-    vllm-router forwards (``sampling_params``; its ``return_logprob``/``return_hidden_states`` flags off)."""
+class SamplingRequest(BaseModel):
+    """The controls the native routes share (``/generate``, ``/infill``): how many tokens, how they are sampled,
+    how the answer comes."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        strict=True,  # JSON types as documented: "stream": 0 is not a boolean
-        json_schema_extra={"examples": [{"prompt": "Once upon a time", "max_length": 50, "temperature": 0.7}]},
-    )
+    model_config = ConfigDict(extra="forbid", strict=True)  # strict: JSON types as documented ("stream": 0 is no bool)
 
-    prompt: str | list[int] = Field(
-        min_length=1, description="Text to continue, or the token ids of a prompt already tokenized."
-    )
     max_length: int | None = Field(
         default=None, ge=1, description="Tokens to generate (not counting the prompt). Unset: the server default."
     )
@@ -88,26 +82,6 @@ class GenerateRequest(BaseModel):
         "can differ in late tokens from an uncached run, as llama.cpp's kernels round differently for one "
         "token than for a batch of them.",
     )
-    sampling_params: RouterSampling | None = Field(
-        default=None, description="SGLang's sampling fields, as vllm-router forwards /generate; where given they "
-        "take the place of the seed's (max_new_tokens for max_length).")
-    return_logprob: Literal[False] = Field(default=False, description="vllm-router's flag; only false is served.")
-    return_hidden_states: Literal[False] = Field(default=False, description="vllm-router's flag; only false.")
-
-    @model_validator(mode="after")
-    def _router_fields(self) -> GenerateRequest:
-        """Fold vllm-router's ``sampling_params`` into the seed's fields, so one request reaches the engine."""
-        p = self.sampling_params
-        if p is None:
-            return self
-        updates = {"max_length": p.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p,
-                   "top_k": None if p.top_k is None else max(p.top_k, 0), "min_p": p.min_p,
-                   "repeat_penalty": p.repetition_penalty, "stop": check_stop_strings(p.stop, MAX_STOP_STRINGS),
-                   "ignore_eos": p.ignore_eos}
-        for name, value in updates.items():
-            if value is not None:
-                object.__setattr__(self, name, value)
-        return self
 
     @field_validator("stop")
     @classmethod
@@ -147,6 +121,72 @@ class GenerateRequest(BaseModel):
             seed=self.seed,
             grammar=self.grammar_text(),
         )
+
+
+class GenerateRequest(SamplingRequest):
+    """The seed's ``{"prompt", "max_length", "temperature"}``, plus the usual sampling controls, and the shape
+    vllm-router forwards (``sampling_params``; its ``return_logprob``/``return_hidden_states`` flags off)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"prompt": "Once upon a time", "max_length": 50, "temperature": 0.7}]},
+    )
+
+    prompt: str | list[int] = Field(
+        min_length=1, description="Text to continue, or the token ids of a prompt already tokenized."
+    )
+    sampling_params: RouterSampling | None = Field(
+        default=None, description="SGLang's sampling fields, as vllm-router forwards /generate; where given they "
+        "take the place of the seed's (max_new_tokens for max_length).")
+    return_logprob: Literal[False] = Field(default=False, description="vllm-router's flag; only false is served.")
+    return_hidden_states: Literal[False] = Field(default=False, description="vllm-router's flag; only false.")
+
+    @model_validator(mode="after")
+    def _router_fields(self) -> GenerateRequest:
+        """Fold vllm-router's ``sampling_params`` into the seed's fields, so one request reaches the engine."""
+        p = self.sampling_params
+        if p is None:
+            return self
+        updates = {"max_length": p.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p,
+                   "top_k": None if p.top_k is None else max(p.top_k, 0), "min_p": p.min_p,
+                   "repeat_penalty": p.repetition_penalty, "stop": check_stop_strings(p.stop, MAX_STOP_STRINGS),
+                   "ignore_eos": p.ignore_eos}
+        for name, value in updates.items():
+            if value is not None:
+                object.__setattr__(self, name, value)
+        return self
+
+
+# Each chunk of input_extra is tokenized apart, and named in the prompt.
+MAX_EXTRA_CHUNKS = 1024
+
+
+class ExtraChunk(BaseModel):
+    """A piece of another file, given to the model as context ahead of the file being edited."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    filename: str = Field(default="tmp", description="The file it comes from (llama-server's default: tmp).")
+    text: str
+
+
+class InfillRequest(SamplingRequest):
+    """llama-server's ``POST /infill``: fill in the middle between ``input_prefix`` and ``input_suffix`` with the
+    model's own fill-in-the-middle tokens, ``input_extra`` (other files' chunks) ahead as context; the answer and
+    the stream are /generate's."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "input_prefix": "def add(a, b):\n    ", "input_suffix": "\n\nprint(add(1, 2))\n", "max_length": 16,
+        "temperature": 0}]})
+
+    input_prefix: str = Field(description="The text before the gap (the file up to the cursor).")
+    input_suffix: str = Field(description="The text after the gap (the file from the cursor on).")
+    input_extra: list[ExtraChunk] = Field(
+        default_factory=list, max_length=MAX_EXTRA_CHUNKS,
+        description="Chunks of other files, as context: with the model's file-separator token each is named by "
+        "its filename, without it they are set apart by a snippet marker (as llama-server does).")
+    prompt: str = Field(
+        default="", description="Text already typed in the gap: it follows the prefix, and the answer continues "
+        "it (llama.vim sends the cursor line's start here).")
 
 
 class UsageInfo(BaseModel):

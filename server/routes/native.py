@@ -1,4 +1,5 @@
-"""The seed's native API: ``POST /generate``, JSON or server-sent events."""
+"""The seed's native API: ``POST /generate``, and llama-server's ``POST /infill`` (fill in the middle) answered the
+same way: JSON or server-sent events."""
 
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ from sse_starlette import ServerSentEvent
 from server.deps import ServiceDep
 from server.engine.types import FinalEvent, FinishReason, RequestHandle, TokenEvent
 from server.errors import ERROR_RESPONSES, ErrorDetail
+from server.fim import FimText, fim_prompt
 from server.openapi_sse import event_stream
 from server.protocol import (
     DoneChunk,
     ErrorChunk,
     GenerateRequest,
     GenerateResponse,
+    InfillRequest,
+    SamplingRequest,
     TimingsInfo,
     TokenChunk,
     UsageInfo,
@@ -55,11 +59,33 @@ PASS_THROUGH_PATH = "/native/generate"
     summary="Generate a continuation of a prompt",
 )
 async def generate(body: GenerateRequest, request: Request, service: ServiceDep) -> GenerateResponse | Response:
-    request_id = service.new_id("gen")
+    return await _serve(body, body.prompt, request, service, id_prefix="gen", logged=body.prompt)
+
+
+@router.post(
+    "/infill",
+    response_model=GenerateResponse,
+    responses={**ERROR_RESPONSES, 200: STREAM_DOC},
+    summary="Fill in the middle between a prefix and a suffix (llama-server's /infill)",
+)
+async def infill(body: InfillRequest, request: Request, service: ServiceDep) -> GenerateResponse | Response:
+    text = FimText(prefix=body.input_prefix, suffix=body.input_suffix, prompt=body.prompt,
+                   extra=[(chunk.filename, chunk.text) for chunk in body.input_extra],
+                   prefix_param="input_prefix", suffix_param="input_suffix")
+    tokens = await fim_prompt(service, text, what="/infill", param=None)
+    logged = body.model_dump(include={"input_prefix", "input_suffix", "input_extra", "prompt"})
+    return await _serve(body, tokens, request, service, id_prefix="infill", logged=logged, rendered=True)
+
+
+async def _serve(body: SamplingRequest, prompt: str | list[int], request: Request, service: GenerationService, *,
+                 id_prefix: str, logged: object, rendered: bool = False) -> GenerateResponse | Response:
+    """Build, submit and answer (or stream) one native request; ``rendered``: ``prompt`` is the server's own
+    tokens (a fill-in-the-middle prompt, whose markers are control tokens)."""
+    request_id = service.new_id(id_prefix)
     scope = cache_scope(request, service.settings)
     sampling = await asyncio.to_thread(body.to_sampling)  # a schema is converted off the event loop
     gen_request = await service.build(
-        body.prompt,
+        prompt,
         max_tokens=body.max_length,
         sampling=sampling,
         stop=body.stop_strings(),
@@ -69,8 +95,9 @@ async def generate(body: GenerateRequest, request: Request, service: ServiceDep)
         ignore_eos=body.ignore_eos,
         grammar_param=body.grammar_param,
         speculative=body.speculative,
+        rendered=rendered,
     )
-    fields = service.log_fields(gen_request, body.prompt)
+    fields = service.log_fields(gen_request, logged)
     request.state.generation = fields
     handle = service.submit(gen_request)
     if body.stream:

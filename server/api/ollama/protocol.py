@@ -95,7 +95,9 @@ class ChatRequest(_Generation):
 
 class OllamaGenerateRequest(_Generation):
     prompt: str = ""
-    suffix: str | None = Field(default=None, description="Refused on a model without fill-in-the-middle tokens.")
+    suffix: str | None = Field(
+        default=None, description="Text after the gap: fill in the middle between `prompt` and this with the model's "
+        "fill-in-the-middle tokens (no chat template, no `system`); refused on a model without them.")
     system: str | None = None
     raw: bool = Field(default=False, description="The prompt as it is, without the chat template.")
     images: list[str] | None = Field(default=None, description="Refused: this server has no vision.")

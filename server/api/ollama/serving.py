@@ -12,7 +12,11 @@ Ollama's objects, streamed as newline-delimited JSON. Nothing here limits, authe
   with a ``format`` schema of the call's shape (``{"name": ..., "arguments": {...}}``).
 - Durations are nanoseconds: ``load_duration`` is the wait for a slot (the model is always loaded),
   ``prompt_eval_duration`` the prompt's computation up to the first token, ``eval_duration`` the rest.
-- ``images`` are refused (no vision); ``suffix`` is refused on a model without fill-in-the-middle tokens.
+- ``suffix``: the prompt is the text before the gap and the suffix the text after it, built into a
+  fill-in-the-middle prompt from the model's FIM tokens (``server/fim.py``, as ``/infill`` and OpenAI's
+  ``suffix``), neither chat template nor ``system`` (as Ollama's FIM templates use neither); a 400 on a model
+  without those tokens.
+- ``images`` are refused (no vision).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from server.engine.llama import LlamaModel, ModelInfo
 from server.engine.sampling import SamplingParams
 from server.engine.types import ErrorEvent, FinalEvent, FinishReason, GenerationRequest, RequestHandle, TokenEvent
 from server.errors import APIError, bad_request, unavailable
+from server.fim import FimText, fim_prompt
 from server.grammar import JSON_OBJECT_GRAMMAR
 from server.openai_protocol import ChatMessage, FunctionCall, Tool, grammar_of_schema
 from server.openai_protocol import ToolCall as OpenAIToolCall
@@ -236,6 +241,7 @@ class Plan:
     tokens: list[int]
     tools: list[Tool]  # the tools an answer may call
     logged: object  # the prompt as the log shows it (LOG_PROMPTS)
+    rendered: bool = True  # the server's own rendering (a template's or FIM's control tokens), not a client's text
 
 
 async def _chat_plan(service: GenerationService, body: ChatRequest) -> Plan:
@@ -251,10 +257,6 @@ async def _chat_plan(service: GenerationService, body: ChatRequest) -> Plan:
     return Plan(tokens=tokens, tools=tools, logged=messages)
 
 
-def _missing_fim(service: GenerationService) -> list[str]:
-    return _model(service)[0].missing_fim_tokens()
-
-
 async def _generate_plan(service: GenerationService, body: OllamaGenerateRequest) -> Plan:
     if body.images:
         raise bad_request(NO_VISION, param="images", code="unsupported_content")
@@ -265,15 +267,11 @@ async def _generate_plan(service: GenerationService, body: OllamaGenerateRequest
         raise bad_request("context is not supported: send the conversation's messages to /api/chat",
                           param="context", code="unsupported_parameter")
     if body.suffix:
-        missing = _missing_fim(service)
-        if missing:
-            raise bad_request("suffix needs fill-in-the-middle (FIM) tokens, and this model's vocabulary has none "
-                              f"(missing {', '.join(missing)})", param="suffix", code="unsupported_parameter")
-        raise bad_request("suffix (fill-in-the-middle) is not served here yet", param="suffix",
-                          code="unsupported_parameter")
+        tokens = await fim_prompt(service, FimText(prefix=body.prompt, suffix=body.suffix))
+        return Plan(tokens=tokens, tools=[], logged={"prompt": body.prompt, "suffix": body.suffix})
     if body.raw:
         tokens = await service.tokenize(body.prompt)
-        return Plan(tokens=tokens, tools=[], logged=body.prompt)
+        return Plan(tokens=tokens, tools=[], logged=body.prompt, rendered=False)
     messages = [{"role": "system", "content": body.system}] if body.system else []
     messages.append({"role": "user", "content": body.prompt})
     return Plan(tokens=await service.chat_tokens(messages), tools=[], logged=messages)
@@ -307,7 +305,7 @@ async def serve(service: GenerationService, body: ChatRequest | OllamaGenerateRe
         plan.tokens, max_tokens=None if num_predict is None or num_predict < 0 else num_predict,
         sampling=_sampling(sampling_options, grammar), stop=tuple(sampling_options.stop or ()),
         request_id=service.new_id("ollama"), max_tokens_param="options.num_predict", grammar_param="format",
-        rendered=not (isinstance(body, OllamaGenerateRequest) and body.raw), **options)
+        rendered=plan.rendered, **options)
     fields = service.log_fields(request, plan.logged)
     http_request.state.generation = fields
     handle = service.submit(request)
