@@ -9,7 +9,7 @@ from __future__ import annotations
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 # /api/: Ollama's clients send JSON without a content type at times.
-JSON_PREFIXES = ("/generate", "/native/generate", "/v1/", "/tokenize", "/detokenize", "/api/")
+JSON_PREFIXES = ("/generate", "/native/generate", "/infill", "/v1/", "/tokenize", "/detokenize", "/api/")
 
 
 class JsonBodyMiddleware:

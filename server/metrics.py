@@ -29,9 +29,9 @@ _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 REFUSALS = frozenset({"rejected", "queue_timeout"})
 # Routes counted by llama_http_requests_total (the API; probes and the playground's files are not).
 API_ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/messages",
-              "/v1/messages/count_tokens", "/v1/responses", "/tokenize", "/detokenize",
-              "/api/chat", "/api/generate", "/api/show", "/api/tags", "/api/ps", "/api/version",
-              "/native/generate")
+              "/v1/messages/count_tokens", "/v1/responses", "/v1/embeddings", "/tokenize", "/detokenize",
+              "/infill", "/api/chat", "/api/generate", "/api/show", "/api/tags", "/api/ps", "/api/version",
+              "/api/embed", "/api/embeddings", "/native/generate")
 
 
 class _OutcomeCounter:

@@ -163,7 +163,7 @@ MAX_EXTRA_CHUNKS = 1024
 class ExtraChunk(BaseModel):
     """A piece of another file, given to the model as context ahead of the file being edited."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True)  # llama.vim sends each chunk's `time` too
 
     filename: str = Field(default="tmp", description="The file it comes from (llama-server's default: tmp).")
     text: str
@@ -174,7 +174,9 @@ class InfillRequest(SamplingRequest):
     model's own fill-in-the-middle tokens, ``input_extra`` (other files' chunks) ahead as context; the answer and
     the stream are /generate's."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{
+    # Editors send llama-server's other fields (llama.vim: samplers, t_max_prompt_ms, t_max_predict_ms, n_indent,
+    # response_fields, id_slot): accepted and ignored here, as on the OpenAI routes.
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [{
         "input_prefix": "def add(a, b):\n    ", "input_suffix": "\n\nprint(add(1, 2))\n", "max_length": 16,
         "temperature": 0}]})
 
@@ -187,6 +189,15 @@ class InfillRequest(SamplingRequest):
     prompt: str = Field(
         default="", description="Text already typed in the gap: it follows the prefix, and the answer continues "
         "it (llama.vim sends the cursor line's start here).")
+    n_predict: int | None = Field(
+        default=None, ge=-1, description="llama-server's name for max_length (-1: the server's default; 0, which "
+        "llama.vim sends to warm the cache with input_extra: the prompt and one token).")
+
+    @model_validator(mode="after")
+    def _n_predict(self) -> InfillRequest:
+        if self.max_length is None and self.n_predict is not None and self.n_predict >= 0:
+            object.__setattr__(self, "max_length", max(1, self.n_predict))
+        return self
 
 
 class UsageInfo(BaseModel):
@@ -237,6 +248,16 @@ class GenerateResponse(BaseModel):
     finish_reason: FinishReasonName
     usage: UsageInfo
     timings: TimingsInfo
+
+
+class InfillResponse(GenerateResponse):
+    """/generate's answer, with llama-server's fields that editors read (llama.vim, llama.vscode: ``content``)."""
+
+    content: str = Field(description="The same as text: llama-server's name for it.")
+    stop: Literal[True] = True
+    tokens_predicted: int
+    tokens_evaluated: int
+    tokens_cached: int
 
 
 class TokenChunk(BaseModel):

@@ -389,3 +389,27 @@ def test_ollama_suffix_without_fim_tokens_is_a_400(no_fim: LiveServer) -> None:
     resp = httpx.post(no_fim.url + "/api/generate", json={"model": MODEL, "prompt": PREFIX, "suffix": SUFFIX},
                       timeout=60)
     assert resp.status_code == 400 and list(resp.json()) == ["error"]  # Ollama's {"error": "..."}
+
+
+def test_llama_vims_own_requests_are_served(served: LiveServer) -> None:
+    """The bodies llama.vim (ggml-org/llama.vim, autoload/llama.vim) sends, field for field: its cache warm-up
+    with the ring buffer's chunks (``n_predict`` 0, chunks with a ``time``) and its completion; it reads
+    ``content``."""
+    chunks = [{"text": "".join(f"def helper_{i}(x):\n    return x * {i} + {i}\n\n" for i in range(8)),
+               "time": 1733300000.0, "filename": "util.py"}]
+    warm = httpx.post(served.url + "/infill", json={
+        "id_slot": 0, "input_prefix": "", "input_suffix": "", "input_extra": chunks, "prompt": "", "n_predict": 0,
+        "temperature": 0.0, "samplers": [], "stream": False, "cache_prompt": True, "t_max_prompt_ms": 1,
+        "t_max_predict_ms": 1, "response_fields": [""]}, timeout=120)
+    assert warm.status_code == 200, warm.text
+    assert warm.json()["tokens_predicted"] <= 1 and warm.json()["tokens_evaluated"] > 100  # the chunk, no answer
+    fim = httpx.post(served.url + "/infill", json={
+        "id_slot": 0, "input_prefix": PREFIX, "input_suffix": SUFFIX, "input_extra": chunks, "prompt": "",
+        "n_predict": GREEDY, "stop": [], "n_indent": 4, "top_k": 40, "top_p": 0.90,
+        "samplers": ["top_k", "top_p", "infill"], "stream": False, "cache_prompt": True, "t_max_prompt_ms": 500,
+        "t_max_predict_ms": 1000, "response_fields": ["content", "timings/prompt_n", "timings/predicted_n"]},
+        timeout=120)
+    assert fim.status_code == 200, fim.text
+    answer = fim.json()
+    assert answer["content"] == answer["text"] and answer["stop"] is True
+    assert 1 <= answer["tokens_predicted"] <= GREEDY and answer["tokens_evaluated"] > 120

@@ -213,7 +213,7 @@ def test_suffix_and_images_are_refused_by_name(client: ollama.Client) -> None:
     with pytest.raises(ollama.ResponseError) as caught:
         client.generate(model=MODEL, prompt="def add(a, b):\n", suffix="\n    return c\n")
     assert caught.value.status_code == 400
-    assert "FIM" in caught.value.error and "tokenizer.ggml.fim_pre_id" in caught.value.error
+    assert "FIM" in caught.value.error and "tokenizer.ggml.fim_pre_token_id" in caught.value.error
     with pytest.raises(ollama.ResponseError) as caught:
         client.generate(model=MODEL, prompt="What is this?", images=[b"\x89PNG\r\n"])
     assert caught.value.status_code == 400 and "vision" in caught.value.error

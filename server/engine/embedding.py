@@ -193,7 +193,10 @@ class Embedder:
                     handle.fail(f"embedding failed: {exc}")
             finally:
                 self._ctx.clear()
-            self.pace.observe(time.perf_counter() - started, batch.n_tokens)
+            seconds = time.perf_counter() - started
+            self.pace.observe(seconds, batch.n_tokens)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("embedding step: %d inputs, %d tokens: %.1f ms", len(placed), batch.n_tokens, seconds * 1000)
         done = [h for h in self._waiting
                 if not h.cancelled and h not in failed and h.next_input == len(h.request.inputs)]
         for handle in done:

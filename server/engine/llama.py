@@ -139,9 +139,9 @@ class LlamaModel:
 
     def missing_fim_tokens(self) -> list[str]:
         """The GGUF keys of the fill-in-the-middle tokens (prefix, suffix, middle) this vocabulary lacks."""
-        tokens = {"tokenizer.ggml.fim_pre_id": llama_cpp.llama_vocab_fim_pre(self.vocab),
-                  "tokenizer.ggml.fim_suf_id": llama_cpp.llama_vocab_fim_suf(self.vocab),
-                  "tokenizer.ggml.fim_mid_id": llama_cpp.llama_vocab_fim_mid(self.vocab)}
+        tokens = {"tokenizer.ggml.fim_pre_token_id": llama_cpp.llama_vocab_fim_pre(self.vocab),
+                  "tokenizer.ggml.fim_suf_token_id": llama_cpp.llama_vocab_fim_suf(self.vocab),
+                  "tokenizer.ggml.fim_mid_token_id": llama_cpp.llama_vocab_fim_mid(self.vocab)}
         return [key for key, token in tokens.items() if token < 0]
 
     def info(self) -> ModelInfo:

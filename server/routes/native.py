@@ -21,6 +21,7 @@ from server.protocol import (
     GenerateRequest,
     GenerateResponse,
     InfillRequest,
+    InfillResponse,
     SamplingRequest,
     TimingsInfo,
     TokenChunk,
@@ -64,17 +65,22 @@ async def generate(body: GenerateRequest, request: Request, service: ServiceDep)
 
 @router.post(
     "/infill",
-    response_model=GenerateResponse,
+    response_model=InfillResponse,
     responses={**ERROR_RESPONSES, 200: STREAM_DOC},
     summary="Fill in the middle between a prefix and a suffix (llama-server's /infill)",
 )
-async def infill(body: InfillRequest, request: Request, service: ServiceDep) -> GenerateResponse | Response:
+async def infill(body: InfillRequest, request: Request, service: ServiceDep) -> InfillResponse | Response:
     text = FimText(prefix=body.input_prefix, suffix=body.input_suffix, prompt=body.prompt,
                    extra=[(chunk.filename, chunk.text) for chunk in body.input_extra],
                    prefix_param="input_prefix", suffix_param="input_suffix")
     tokens = await fim_prompt(service, text, what="/infill", param=None)
     logged = body.model_dump(include={"input_prefix", "input_suffix", "input_extra", "prompt"})
-    return await _serve(body, tokens, request, service, id_prefix="infill", logged=logged, rendered=True)
+    answer = await _serve(body, tokens, request, service, id_prefix="infill", logged=logged, rendered=True)
+    if not isinstance(answer, GenerateResponse):
+        return answer
+    u = answer.usage
+    return InfillResponse(**answer.model_dump(), content=answer.text, tokens_predicted=u.completion_tokens,
+                          tokens_evaluated=u.prompt_tokens, tokens_cached=u.cached_tokens)
 
 
 async def _serve(body: SamplingRequest, prompt: str | list[int], request: Request, service: GenerationService, *,
