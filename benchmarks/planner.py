@@ -2,6 +2,7 @@
 
     llama-inference plan --shape llama-2-7b --quant Q4_K_M --ctx-size 4096 --parallel 2 --n-threads 4
     llama-inference plan --gguf models/llama-2-7b.Q4_K_M.gguf --calibrate --target-rps 2
+    llama-inference plan --gguf models/llama-2-7b.Q4_K_M.gguf --embedding-model-path models/all-MiniLM-L6-v2-f16.gguf
 
 The server's settings (context, slots, threads, KV-cache type, mmap...) are a :class:`server.settings.Settings`,
 the object ``serve`` runs with: same flags, same environment variables, same defaults, and the plan prints the
@@ -9,7 +10,9 @@ environment that makes ``serve`` run as planned.
 
 Memory is modelled from llama.cpp's allocations: the weights (the GGUF's tensor data, or parameters x bits per
 weight of the quantization), the KV cache (2 x layers x context x KV width x bytes per element), the compute
-buffers (logits and activations of one micro-batch), and the process itself. Speed comes from a calibration
+buffers (logits and activations of one micro-batch), and the process itself; with an embedding model
+(``EMBEDDING_MODEL_PATH``, or the chat model itself with ``EMBEDDING_POOLING``) also that second model's file and
+its own context's buffers and cells, shown as its share of the total. Speed comes from a calibration
 run on this machine (``--calibrate``): a short real decode of the target GGUF when it is at hand (alone and with
 every slot busy), else of the embedded model, scaled by size: decoding is bound by memory bandwidth (every token
 reads all weights), prompt processing by arithmetic (2 FLOPs per parameter per token).
@@ -22,6 +25,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from server.settings import Settings, kv_cache_bytes
 
@@ -80,6 +84,12 @@ SHAPES = {
 
 def shape_from_gguf(path: Path) -> tuple[Shape, str, int]:
     """(shape, quantization name, bytes of tensor data) read from a GGUF file's metadata."""
+    shape, quant, data_bytes, _ = _read_gguf(path)
+    return shape, quant, data_bytes
+
+
+def _read_gguf(path: Path) -> tuple[Shape, str, int, str]:
+    """(shape, quantization name, bytes of tensor data, architecture) from a GGUF file's metadata."""
     import gguf
     import numpy as np
 
@@ -107,7 +117,7 @@ def shape_from_gguf(path: Path) -> tuple[Shape, str, int]:
         quant = gguf.LlamaFileType(value("general.file_type")).name.removeprefix("MOSTLY_")
     except (KeyError, ValueError):
         quant = "unknown"
-    return shape, quant, data_bytes
+    return shape, quant, data_bytes, arch
 
 
 @dataclass
@@ -118,11 +128,26 @@ class Memory:
     compute: float
     runtime: float
     prompt_cache: float = 0.0  # CACHE_RAM_MIB: filled up to its limit as conversations lose their slots
+    # The embedding model's share (0 without one): its file (and repacked copy) with its vocabulary's tables, its
+    # context's KV cells (a decoder only), its output buffer and its compute buffer (EmbeddingMemory).
+    embedding_weights: float = 0.0
+    embedding_kv_cache: float = 0.0
+    embedding_outputs: float = 0.0
+    embedding_compute: float = 0.0
+
+    @property
+    def embedding(self) -> float:
+        return self.embedding_weights + self.embedding_kv_cache + self.embedding_outputs + self.embedding_compute
 
     @property
     def total(self) -> float:
         return (self.weights + self.weights_repacked_copy + self.kv_cache + self.compute + self.runtime
-                + self.prompt_cache)
+                + self.prompt_cache + self.embedding)
+
+
+def repacked_beside_the_map(quant: str, n_embd: int, use_mmap: bool) -> bool:
+    """Whether weights count twice: mapped (USE_MMAP) and repacked by the CPU backend into a copy of their own."""
+    return use_mmap and quant in REPACKED and n_embd % 256 == 0
 
 
 def predict_memory(shape: Shape, *, weights_bytes: float, quant: str, ctx_size: int, batch_size: int = 512,
@@ -130,9 +155,113 @@ def predict_memory(shape: Shape, *, weights_bytes: float, quant: str, ctx_size: 
     kv = kv_cache_bytes(shape.n_layer, ctx_size, shape.kv_width, kv_type)
     # Compute buffers: the logits of a micro-batch dominate (vocabulary x tokens x 4 bytes), plus activations.
     compute = 4 * batch_size * (shape.n_vocab + 4 * shape.n_embd + 2 * shape.n_ff)
-    repacked = weights_bytes if (use_mmap and quant in REPACKED and shape.n_embd % 256 == 0) else 0.0
+    repacked = weights_bytes if repacked_beside_the_map(quant, shape.n_embd, use_mmap) else 0.0
     return Memory(weights=weights_bytes, weights_repacked_copy=repacked, kv_cache=kv, compute=compute,
                   runtime=RUNTIME_BYTES, prompt_cache=cache_ram_bytes)
+
+
+# ---- the embedding model (server/engine/embedding.py's Embedder) ----
+
+# Architectures llama.cpp keeps no KV cache for (llama_model::create_memory): encoders, whose context holds only
+# its buffers. Any other architecture embeds as a decoder: KV cells for the batch, and an LM head.
+ENCODER_ARCHS = frozenset({"bert", "modern-bert", "nomic-bert", "nomic-bert-moe", "neo-bert", "jina-bert-v2",
+                           "jina-bert-v3", "eurobert", "gemma-embedding"})
+EMBEDDING_MAX_SEQS = 64  # server.engine.embedding.MAX_SEQS: sequences one embedding decode may carry
+# llama.cpp's tokenizer tables (token texts, maps, piece cache) beside the weights, per vocabulary entry: measured
+# 324 bytes on all-MiniLM-L6-v2 (30522 entries) and 460 on SmolLM2-135M (49152), resident after load minus the
+# model's and the context's buffers; rounded up.
+VOCAB_BYTES_PER_TOKEN = 512
+# A layer's activations per token of an embedding batch, over 4 x (n_ff + 3 x n_embd) bytes: 11018 bytes measured
+# on all-MiniLM-L6-v2 (n_ff 1536, n_embd 384) from llama.cpp's compute buffer at batches of 256 to 8192 tokens.
+EMBEDDING_ACTIVATION_FACTOR = 1.025
+
+
+@dataclass(frozen=True)
+class EmbeddingModel:
+    """An embedding model as the planner sizes it: its shape and architecture, and its file (0 bytes: the chat
+    model embeds, in a context of its own, with no second file)."""
+
+    shape: Shape
+    arch: str
+    quant: str
+    file_bytes: float
+
+    @property
+    def encoder(self) -> bool:
+        return self.arch in ENCODER_ARCHS
+
+
+# Named embedding models, for planning without the file (as SHAPES for chat models): the header and size of the
+# GGUF that llama.cpp's convert_hf_to_gguf.py makes of all-MiniLM-L6-v2 (f16; tests/embedding_model.py).
+EMBEDDING_SHAPES = {
+    "all-minilm-l6-v2": EmbeddingModel(Shape("all-minilm-l6-v2", 6, 384, 12, 12, 1536, 30522, 512, 22_565_376),
+                                       arch="bert", quant="F16", file_bytes=46_223_712),
+}
+
+
+def embedding_from_gguf(path: Path) -> EmbeddingModel:
+    """An embedding model from its GGUF's header (the planner reads the chat model's the same way)."""
+    shape, quant, _, arch = _read_gguf(path)
+    return EmbeddingModel(shape, arch=arch, quant=quant, file_bytes=path.stat().st_size)
+
+
+def chat_model_embeds(shape: Shape, quant: str, arch: str = "llama") -> EmbeddingModel:
+    """EMBEDDING_POOLING without EMBEDDING_MODEL_PATH: the chat model's weights, a second context of its own."""
+    return EmbeddingModel(shape, arch=arch, quant=quant, file_bytes=0)
+
+
+@dataclass
+class EmbeddingMemory:
+    weights: float  # the file (twice where mapped and repacked) and its vocabulary's tables
+    kv_cache: float
+    outputs: float
+    compute: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.kv_cache + self.outputs + self.compute
+
+
+def predict_embedding_memory(model: EmbeddingModel, *, batch_size: int, flash_attn: bool = True,
+                             use_mmap: bool = False) -> EmbeddingMemory:
+    """The embedding model's memory beside the chat model's: the Embedder's context is n_ctx = n_batch =
+    EMBEDDING_BATCH_SIZE tokens of up to EMBEDDING_MAX_SEQS sequences, one unified KV cache for a decoder (f16,
+    the context's default), none for an encoder.
+
+    Its buffers are estimated the way :func:`predict_memory` estimates the chat model's, from the shape and the
+    batch, and calibrated on llama.cpp's own figures for all-MiniLM-L6-v2 f16 on this project's machine:
+
+    - outputs: with embeddings on, llama.cpp makes every token of a batch an output and reserves n_vocab logits
+      and an n_embd vector for each (llama_context::output_reserve), 4 x max(batch, EMBEDDING_MAX_SEQS) x
+      (n_vocab + n_embd) bytes: 7.55 MiB at start (as llama.cpp logs it), grown by the first full batch to 60.4
+      MiB at 512 tokens and 241.4 MiB at 2048 (the resident memory below bears it out). The largest share; it
+      stays.
+    - compute: a layer's activations, 4 x (n_ff + 3 x n_embd) bytes a token x EMBEDDING_ACTIVATION_FACTOR, and
+      attention over the batch (the batch's own tokens for an encoder, the batch's cells for a decoder): its mask,
+      2 bytes a token pair (f16) with flash attention, else 4 x (n_head + 1) bytes a pair (f32 scores per head and
+      an f32 mask). Measured 5.88 MiB at 512 and 29.52 MiB at 2048 with flash attention (predicted 5.9 and 29.5),
+      226.5 MiB at 2048 without (predicted 229.5). A decoder also computes every token's logits: the chat
+      model's estimate for that batch where it is larger (SmolLM2-135M at 2048: 401.5 MiB measured, 426 predicted).
+    - weights: the GGUF file's size, plus VOCAB_BYTES_PER_TOKEN for its tokenizer; repacked into a second copy
+      where mapped, by the rule of the chat model's weights.
+
+    Resident memory after a full batch, all-MiniLM-L6-v2 f16 alone: 123.5 MiB at 512 (predicted 125.3) and 331.2 MiB
+    at 2048 (predicted 329.9)."""
+    s = model.shape
+    weights = model.file_bytes
+    if model.file_bytes:
+        weights += VOCAB_BYTES_PER_TOKEN * s.n_vocab
+        if repacked_beside_the_map(model.quant, s.n_embd, use_mmap):
+            weights += model.file_bytes
+    outputs = 4 * max(batch_size, EMBEDDING_MAX_SEQS) * (s.n_vocab + s.n_embd)
+    pair_bytes = 2 if flash_attn else 4 * (s.n_head + 1)
+    layer = EMBEDDING_ACTIVATION_FACTOR * 4 * batch_size * (s.n_ff + 3 * s.n_embd) + pair_bytes * batch_size ** 2
+    if model.encoder:
+        kv, compute = 0.0, layer
+    else:
+        kv = kv_cache_bytes(s.n_layer, batch_size, s.kv_width, "f16")
+        compute = max(layer, 4 * batch_size * (s.n_vocab + 4 * s.n_embd + 2 * s.n_ff))
+    return EmbeddingMemory(weights=weights, kv_cache=kv, outputs=outputs, compute=compute)
 
 
 # How close llama.cpp gets to the machine's limits, measured on this project's 2-core machine with a
@@ -207,6 +336,9 @@ class Plan:
     env: dict[str, str]  # what `serve` must run with for this plan to hold
     assumptions: list[str]
     notes: list[str]
+    # The embedding model's share, where one is served: its name, whether it is an encoder, its batch, its memory
+    # in all (GiB; by part in memory_gib's embedding_* keys) and that as a fraction of the total.
+    embedding: dict[str, Any] | None = None
 
 
 def gib_string(value: float) -> str:
@@ -222,7 +354,8 @@ def resolved_cache_type(shape: Shape, settings: Settings) -> str:
 
 
 def deploy_env(settings: Settings, cache_type: str, cache_ram_mib: int,
-               model_path: str | None = None) -> dict[str, str]:
+               model_path: str | None = None, embedding: bool = False,
+               embedding_path: str | None = None) -> dict[str, str]:
     """The environment of a ``serve`` that runs as planned: every setting the plan depends on, spelled out."""
     env = {"MODEL_PATH": model_path} if model_path else {}
     env.update({
@@ -231,16 +364,26 @@ def deploy_env(settings: Settings, cache_type: str, cache_ram_mib: int,
         "USE_MMAP": str(settings.use_mmap).lower(), "FLASH_ATTN": str(settings.flash_attn).lower(),
         "CACHE_RAM_MIB": str(cache_ram_mib),
     })
+    if embedding:
+        if embedding_path:
+            env["EMBEDDING_MODEL_PATH"] = embedding_path
+        if settings.embedding_pooling:
+            env["EMBEDDING_POOLING"] = settings.embedding_pooling
+        env["EMBEDDING_BATCH_SIZE"] = str(settings.embedding_batch_size)
     return env
 
 
 def make_plan(shape: Shape, *, quant: str, settings: Settings, weights_bytes: float | None = None,
               model_path: str | None = None, calibration: Calibration | None = None, prompt_tokens: int = 100,
               output_tokens: int = 200, target_rps: float | None = None,
-              utilization: float = UTILIZATION) -> Plan:
-    """Memory, speed and sizing of a pod that runs ``serve`` with ``settings`` on this model."""
+              utilization: float = UTILIZATION, embedding: EmbeddingModel | None = None,
+              embedding_path: str | None = None) -> Plan:
+    """Memory, speed and sizing of a pod that runs ``serve`` with ``settings`` on this model, and on ``embedding``
+    beside it where given (with EMBEDDING_POOLING and no embedding model, the chat model embeds)."""
     assumptions: list[str] = []
     notes: list[str] = []
+    if embedding is None and settings.embedding_pooling and settings.embedding_model_path is None:
+        embedding = chat_model_embeds(shape, quant)
     if weights_bytes is None:
         weights_bytes = shape.n_params * BITS_PER_WEIGHT[quant] / 8
         assumptions.append(f"weights: {shape.n_params / 1e9:.2f} B parameters x {BITS_PER_WEIGHT[quant]} bits "
@@ -257,6 +400,25 @@ def make_plan(shape: Shape, *, quant: str, settings: Settings, weights_bytes: fl
     mem = predict_memory(shape, weights_bytes=weights_bytes, quant=quant, ctx_size=settings.ctx_size,
                          batch_size=settings.batch_size, kv_type=cache_type, use_mmap=settings.use_mmap,
                          cache_ram_bytes=cache_ram)
+    share = None
+    if embedding is not None:
+        emb = predict_embedding_memory(embedding, batch_size=settings.embedding_batch_size,
+                                       flash_attn=settings.flash_attn, use_mmap=settings.use_mmap)
+        mem.embedding_weights, mem.embedding_kv_cache = emb.weights, emb.kv_cache
+        mem.embedding_outputs, mem.embedding_compute = emb.outputs, emb.compute
+        name = "the chat model" if not embedding.file_bytes else f"{embedding.shape.name} {embedding.quant}"
+        share = {"model": name, "encoder": embedding.encoder, "batch_size": settings.embedding_batch_size,
+                 "memory_gib": round(emb.total / GIB, 2), "share": round(emb.total / mem.total, 3)}
+        batch = settings.embedding_batch_size
+        assumptions.append(
+            f"embeddings: {name} in a context of its own, EMBEDDING_BATCH_SIZE={batch} tokens a decode: "
+            + ("its file" + (" (twice: mapped and repacked)" if repacked_beside_the_map(
+                embedding.quant, embedding.shape.n_embd, settings.use_mmap) else "")
+               + f" and its tokenizer's tables ({VOCAB_BYTES_PER_TOKEN} bytes a vocabulary entry), "
+               if embedding.file_bytes else "no second file, ")
+            + ("no KV cache (an encoder), " if embedding.encoder else f"{batch} KV cells f16 (a decoder), ")
+            + f"an output buffer of every token's logits and vector ({batch} x (vocabulary + width) x 4 bytes), "
+            f"compute buffers calibrated on all-MiniLM-L6-v2 (llama.cpp's figures)")
     if not shape.prompt_cache_applies:
         assumptions.append("prompt cache: none (a sliding-window or recurrent model, whose cells the server does "
                            "not keep in host memory)")
@@ -301,8 +463,9 @@ def make_plan(shape: Shape, *, quant: str, settings: Settings, weights_bytes: fl
         ttft_s=None if ttft is None else round(ttft, 2),
         requests_memory=gib_string(mem.total * HEADROOM), limits_memory=gib_string(mem.total * HEADROOM),
         requests_cpu=str(settings.n_threads), capacity_rps_per_pod=None if capacity is None else round(capacity, 3),
-        replicas=replicas, env=deploy_env(settings, cache_type, cache_ram_mib, model_path), assumptions=assumptions,
-        notes=notes,
+        replicas=replicas, env=deploy_env(settings, cache_type, cache_ram_mib, model_path, embedding is not None,
+                                          embedding_path),
+        assumptions=assumptions, notes=notes, embedding=share,
     )
 
 
@@ -413,9 +576,21 @@ def render(plan: Plan) -> str:
         f"| compute buffers | {m['compute']} |",
         f"| runtime | {m['runtime']} |",
         f"| prompt cache in host memory (CACHE_RAM_MIB) | {m['prompt_cache']} |",
-        f"| **total** | **{m['total']}** |",
-        "",
     ]
+    e = plan.embedding
+    if e is not None:
+        lines += [f"| embedding model: weights ({e['model']}) | {m['embedding_weights']} |"]
+        if not e["encoder"]:
+            lines += [f"| embedding model: KV cache ({e['batch_size']} cells, f16) | {m['embedding_kv_cache']} |"]
+        lines += [
+            f"| embedding model: output buffer ({e['batch_size']} tokens' logits and vectors) | "
+            f"{m['embedding_outputs']} |",
+            f"| embedding model: compute buffers | {m['embedding_compute']} |",
+        ]
+    lines += [f"| **total** | **{m['total']}** |", ""]
+    if e is not None:
+        lines += [f"embedding model {e['model']}: {e['memory_gib']} GiB of the {m['total']} GiB total "
+                  f"({e['share']:.0%}), EMBEDDING_BATCH_SIZE={e['batch_size']}", ""]
     if plan.decode_tps is not None:
         lines += [
             f"decode: {plan.decode_tps} tok/s per stream alone, {plan.aggregate_tps} tok/s aggregate with "

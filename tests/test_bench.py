@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,11 +11,27 @@ from pathlib import Path
 import pytest
 
 from benchmarks.loadgen import RequestResult, iter_sse_data, percentile, summarize
-from benchmarks.planner import GIB, SHAPES, Calibration, make_plan, predict_memory
+from benchmarks.planner import (
+    EMBEDDING_MAX_SEQS,
+    EMBEDDING_SHAPES,
+    GIB,
+    SHAPES,
+    VOCAB_BYTES_PER_TOKEN,
+    Calibration,
+    chat_model_embeds,
+    embedding_from_gguf,
+    gib_string,
+    make_plan,
+    predict_embedding_memory,
+    predict_memory,
+)
 from server.cli import build_parser, settings_from_args
 from server.engine.core import resolve_cache_type
+from server.engine.embedding import MAX_SEQS
+from server.model_files import embedded_model_path
 from server.settings import Settings
 from tests.conftest import REPO, LiveServer
+from tests.embedding_model import convert_with_llama_cpp, minilm_checkpoint
 from tests.swa_model import write_swa_model
 
 
@@ -84,6 +101,140 @@ def test_planner_uses_rates_measured_on_the_target_model() -> None:
                      weights_bytes=4e9, calibration=calib)
     assert (plan.decode_tps, plan.aggregate_tps) == (5.5, 13.2)
     assert any("measured on this machine on llama.gguf with 2 threads" in a for a in plan.assumptions)
+
+
+MINILM = EMBEDDING_SHAPES["all-minilm-l6-v2"]
+
+
+@pytest.fixture(scope="module")
+def minilm_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """all-MiniLM-L6-v2 converted by llama.cpp's own converter (tests/embedding_model.py; skips without it)."""
+    checkpoint = minilm_checkpoint(tmp_path_factory.mktemp("minilm"))
+    return convert_with_llama_cpp(checkpoint, tmp_path_factory.mktemp("gguf") / "all-MiniLM-L6-v2-f16.gguf")
+
+
+def test_planner_embedding_memory_by_hand() -> None:
+    """An encoder (all-MiniLM-L6-v2: 6 layers, 384 wide, 12 heads, n_ff 1536, 30522 tokens) keeps no KV cache; its
+    file and tokenizer, every token's logits and vector, one layer's activations and the attention mask over the
+    batch make its memory. The chat model embedding (a decoder) adds no file but KV cells for the batch."""
+    assert EMBEDDING_MAX_SEQS == MAX_SEQS  # the Embedder's context, as the planner sizes it
+    mem = predict_embedding_memory(MINILM, batch_size=512)
+    assert mem.weights == 46_223_712 + VOCAB_BYTES_PER_TOKEN * 30522
+    assert mem.kv_cache == 0
+    assert mem.outputs == 4 * 512 * (30522 + 384)  # 60.4 MiB
+    assert mem.compute == pytest.approx(1.025 * 4 * 512 * (1536 + 3 * 384) + 2 * 512 * 512)  # 5.9 MiB (f16 mask)
+    assert mem.total == pytest.approx(0.122 * GIB, rel=0.01)
+    # Without flash attention: f32 scores per head and an f32 mask, 4 x (12 + 1) bytes a token pair.
+    plain = predict_embedding_memory(MINILM, batch_size=2048, flash_attn=False)
+    assert plain.compute == pytest.approx(1.025 * 4 * 2048 * (1536 + 3 * 384) + 4 * 13 * 2048 * 2048)
+    # Fewer tokens than sequences: llama.cpp still reserves an output for each of the 64.
+    assert predict_embedding_memory(MINILM, batch_size=16).outputs == 4 * 64 * (30522 + 384)
+    # f16 weights are not repacked, so mapping them does not count them twice.
+    assert predict_embedding_memory(MINILM, batch_size=512, use_mmap=True).weights == mem.weights
+
+    smol = chat_model_embeds(SHAPES["smollm2-135m"], "Q4_1")
+    decoder = predict_embedding_memory(smol, batch_size=512)
+    assert decoder.weights == 0  # the chat model's own weights, already counted
+    assert decoder.kv_cache == 2 * 30 * 512 * 192 * 2  # K and V, 30 layers, 512 cells x 192 wide, f16
+    assert decoder.compute == 4 * 512 * (49152 + 4 * 576 + 2 * 1536)  # every token's logits, as the chat estimate
+
+
+def test_plan_counts_the_embedding_model_and_recomputes_the_pods_memory() -> None:
+    """The plan's memory grows by the embedding model's file and buffers, its share is stated, the pod's
+    request and limit are recomputed from the new total, and the environment carries the embedding settings."""
+    base = Settings(ctx_size=4096, parallel=2, n_threads=4, use_mmap=False)
+    alone = make_plan(SHAPES["llama-2-7b"], quant="Q4_K_M", settings=base)
+    assert alone.embedding is None and alone.memory_gib["embedding_weights"] == 0
+    assert not any(k.startswith("EMBEDDING_") for k in alone.env)
+    for batch, limit in ((512, "8Gi"), (8192, "9Gi")):
+        settings = base.model_copy(update={"embedding_batch_size": batch})
+        plan = make_plan(SHAPES["llama-2-7b"], quant="Q4_K_M", settings=settings, embedding=MINILM,
+                         embedding_path="/models/all-minilm-l6-v2.F16.gguf")
+        extra = predict_embedding_memory(MINILM, batch_size=batch)
+        assert extra.weights == MINILM.file_bytes + VOCAB_BYTES_PER_TOKEN * 30522 and extra.kv_cache == 0
+        m = plan.memory_gib
+        assert m["total"] == pytest.approx(alone.memory_gib["total"] + extra.total / GIB, abs=0.01)
+        assert (m["embedding_weights"], m["embedding_outputs"], m["embedding_compute"]) == (
+            round(extra.weights / GIB, 2), round(extra.outputs / GIB, 2), round(extra.compute / GIB, 2))
+        total = (alone.memory_gib["total"] * GIB + extra.total)
+        assert plan.requests_memory == plan.limits_memory == gib_string(total * 1.15) == limit
+        assert plan.embedding is not None and plan.embedding["share"] == pytest.approx(extra.total / total, abs=0.002)
+        assert plan.env["EMBEDDING_MODEL_PATH"] == "/models/all-minilm-l6-v2.F16.gguf"
+        assert plan.env["EMBEDDING_BATCH_SIZE"] == str(batch)
+    assert alone.limits_memory == "8Gi"  # 8192 tokens a decode take the 7B pod from 8Gi to 9Gi
+    # EMBEDDING_POOLING without a model: the chat model embeds, in a context with its own KV cells.
+    pooled = make_plan(SHAPES["llama-2-7b"], quant="Q4_K_M",
+                       settings=base.model_copy(update={"embedding_pooling": "mean"}))
+    assert pooled.embedding is not None and pooled.embedding["model"] == "the chat model"
+    assert pooled.memory_gib["embedding_weights"] == 0 and pooled.memory_gib["embedding_kv_cache"] == 0.25
+    assert pooled.env["EMBEDDING_POOLING"] == "mean" and "EMBEDDING_MODEL_PATH" not in pooled.env
+
+
+def test_plan_reads_the_embedding_gguf_and_prints_its_share(minilm_gguf: Path) -> None:
+    """`plan --embedding-model-path FILE` (EMBEDDING_MODEL_PATH, as serve takes it) reads the header as for the
+    chat model: the named shape all-minilm-l6-v2 is that file; the output states the embedding model's share."""
+    model = embedding_from_gguf(minilm_gguf)
+    assert model.shape.name == minilm_gguf.name and model.arch == "bert" and model.encoder
+    assert (model.shape.n_layer, model.shape.n_embd, model.shape.n_head, model.shape.n_ff, model.shape.n_vocab,
+            model.shape.n_params, model.quant) == (6, 384, 12, 1536, 30522, MINILM.shape.n_params, MINILM.quant)
+    assert abs(model.file_bytes - MINILM.file_bytes) < 4096
+    args = ["--gguf", str(embedded_model_path()), "--ctx-size", "2048", "--parallel", "2"]
+    proc = subprocess.run([sys.executable, "-m", "server", "plan", *args, "--embedding-model-path", str(minilm_gguf),
+                           "--embedding-batch-size", "1024"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    extra = predict_embedding_memory(model, batch_size=1024)
+    assert f"| embedding model: weights ({minilm_gguf.name} F16) | {round(extra.weights / GIB, 2)} |" in proc.stdout
+    assert "embedding model: KV cache" not in proc.stdout  # an encoder
+    assert f"embedding model {minilm_gguf.name} F16: {round(extra.total / GIB, 2)} GiB of the" in proc.stdout
+    assert f"EMBEDDING_MODEL_PATH={minilm_gguf} EMBEDDING_BATCH_SIZE=1024" in proc.stdout
+    # The same from the environment, as serve reads it; a path that is no file is refused with one line.
+    env = {**os.environ, "EMBEDDING_MODEL_PATH": str(minilm_gguf)}
+    as_json = subprocess.run([sys.executable, "-m", "server", "plan", *args, "--json"], capture_output=True,
+                             text=True, timeout=60, cwd=REPO, env=env)
+    assert json.loads(as_json.stdout)["embedding"]["batch_size"] == Settings().embedding_batch_size
+    missing = subprocess.run([sys.executable, "-m", "server", "plan", "--embedding-model-path", "/nonexistent.gguf"],
+                             capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert missing.returncode != 0 and "embedding GGUF file not found: /nonexistent.gguf" in missing.stderr
+
+
+def test_planner_embedding_buffers_are_llama_cpps(minilm_gguf: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The estimate against llama.cpp itself, on the real all-MiniLM-L6-v2 in the server's embedding context: the
+    compute buffer it reserves (its log), and the resident memory once a full batch has been embedded (the output
+    buffer grows to every token's logits then), within a few percent."""
+    import asyncio
+    import logging
+
+    import psutil
+
+    from server.engine.embedding import Embedder, EmbeddingHandle, EmbeddingRequest
+    from server.engine.llama import LlamaModel, route_native_logs
+
+    route_native_logs()
+    process = psutil.Process()
+    for batch in (512, 2048):
+        caplog.clear()
+        before = process.memory_info().rss
+        with caplog.at_level(logging.DEBUG, logger="llama_cpp.native"):
+            model = LlamaModel(minilm_gguf, use_mmap=False)
+            embedder = Embedder(model, own_model=True, pooling=None, n_batch=batch, n_threads=2, n_threads_batch=2,
+                                flash_attn=True)
+        try:
+            logged = [float(line.split("=")[1].split()[0]) for line in caplog.messages
+                      if "CPU compute buffer size" in line]
+            predicted = predict_embedding_memory(embedding_from_gguf(minilm_gguf), batch_size=batch)
+            assert logged and logged[-1] * 2**20 == pytest.approx(predicted.compute, rel=0.02), (logged, batch)
+            loop = asyncio.new_event_loop()
+            tokens = tuple(model.tokenize("the keeper climbs the lighthouse stairs at dusk " * 80)[:512])
+            handle = EmbeddingHandle(request=EmbeddingRequest(inputs=(tokens,) * (batch // 512)), loop=loop,
+                                     future=loop.create_future())
+            embedder.enqueue(handle)
+            while embedder.pending():
+                embedder.step(None)
+            loop.close()
+            grown = process.memory_info().rss - before
+            assert grown == pytest.approx(predicted.total, rel=0.1), (batch, grown / 2**20, predicted.total / 2**20)
+        finally:
+            embedder.close()
 
 
 def test_plan_env_is_what_serve_runs_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,11 +14,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import httpx
 import jsonschema
 import pytest
 
+from benchmarks.planner import EMBEDDING_SHAPES
 from server.model_files import embedded_model_path
 from server.settings import Settings
 from tests.conftest import free_port
@@ -38,11 +41,42 @@ from tests.deployment import (
 # The official schema is not copied into the project: it lies in shared/ beside the checkout (as in CI), or where
 # FLOX_MANIFEST_SCHEMA says.
 SCHEMA = Path(os.environ.get("FLOX_MANIFEST_SCHEMA", REPO.parent / "shared" / "flox" / "manifest-v1.schema.json"))
-ENVS = [BUILD_ENV, RUNTIME_ENV]
+# The runtime with an embedding model: owner/llama-runtime included, the embedding package and its settings added.
+EMBEDDINGS_ENV = FLOX / "llama-runtime-embeddings"
+RUNTIMES = [RUNTIME_ENV, EMBEDDINGS_ENV]
+ENVS = [BUILD_ENV, *RUNTIMES]
 needs_schema = pytest.mark.skipif(
     not SCHEMA.is_file(),
     reason=f"Flox's manifest schema is not at {SCHEMA} (it lives in ../shared/flox/ in CI; set FLOX_MANIFEST_SCHEMA "
     "to a copy of flox/flox's cli/schemas/manifest-v1.schema.json)")
+
+
+def merged_manifest(env_dir: Path) -> dict[str, Any]:
+    """The manifest Flox locks and activates for ``env_dir``: with its [include] environments merged in, as Flox's
+    composition does (flox.dev, "Composing environments"): each included manifest, then the composing one, wins
+    over what came before it in [install], [vars] and [services], key by key; hook and profile scripts are
+    appended in that order; [options] is the composing environment's. ``remote = "owner/NAME"`` is the
+    environment that `flox push` publishes from flox/NAME, beside this one."""
+    own = manifest(env_dir)
+    merged: dict[str, Any] = {"version": own.get("version", 1)}
+    for included in own.get("include", {}).get("environments", []):
+        assert "remote" in included, f"{env_dir.name} includes a local environment, which FloxHub refuses: {included}"
+        layers = merged_manifest(env_dir.parent / included["remote"].split("/", 1)[1])
+        _merge(merged, layers)
+    _merge(merged, {k: v for k, v in own.items() if k != "include"})
+    return merged
+
+
+def _merge(into: dict[str, Any], layer: dict[str, Any]) -> None:
+    for table in ("install", "vars", "services"):
+        if table in layer:
+            into.setdefault(table, {}).update(layer[table])
+    for table in ("hook", "profile"):
+        for name, script in layer.get(table, {}).items():
+            before = into.setdefault(table, {}).get(name)
+            into[table][name] = script if before is None else before.rstrip("\n") + "\n" + script
+    if "options" in layer:
+        into["options"] = layer["options"]
 
 
 # ---- the checks ----
@@ -60,7 +94,7 @@ def check_environment(env_dir: Path) -> None:
 def check_runtime_installs_what_the_build_publishes(runtime: Path, build: Path) -> None:
     """Every package of the runtime environment is owner/<a package `flox build` defines>, one owner for all."""
     published = built_packages(build)
-    paths = [spec["pkg-path"] for spec in manifest(runtime)["install"].values()]
+    paths = [spec["pkg-path"] for spec in merged_manifest(runtime)["install"].values()]
     assert len({p.split("/")[0] for p in paths}) == 1, paths
     missing = [p for p in paths if p.split("/", 1)[1] not in published]
     assert not missing, f"installed but never built: {missing} (builds: {sorted(published)})"
@@ -73,19 +107,35 @@ def check_model_file(runtime: Path, build: Path) -> None:
     name = re.search(r'^\s*name = "([^"]+)";', expression, re.M)
     quant = re.search(r'^\s*quant = "([^"]+)";', expression, re.M)
     assert name and quant, "llama-model.nix does not set name and quant"
-    assert manifest(runtime)["vars"]["MODEL_FILE"] == f"{name[1]}.{quant[1]}.gguf"
+    assert merged_manifest(runtime)["vars"]["MODEL_FILE"] == f"{name[1]}.{quant[1]}.gguf"
+
+
+def check_embedding_model_file(runtime: Path, build: Path) -> None:
+    """EMBEDDING_MODEL_FILE is the file the embedding package installs (<name>.<quant>.gguf of
+    .flox/pkgs/llama-embedding-model.nix), the environment installs that package, and the planner knows the
+    model by that name (k8s/overlays/embeddings' memory is planned from it)."""
+    expression = (build / ".flox" / "pkgs" / "llama-embedding-model.nix").read_text()
+    name = re.search(r'^\s*name = "([^"]+)";', expression, re.M)
+    quant = re.search(r'^\s*quant = "([^"]+)";', expression, re.M)
+    assert name and quant, "llama-embedding-model.nix does not set name and quant"
+    m = merged_manifest(runtime)
+    assert m["vars"]["EMBEDDING_MODEL_FILE"] == f"{name[1]}.{quant[1]}.gguf", m["vars"].get("EMBEDDING_MODEL_FILE")
+    assert "owner/llama-embedding-model" in {spec["pkg-path"] for spec in m["install"].values()}
+    assert EMBEDDING_SHAPES[name[1]].quant == quant[1]
 
 
 # What a caller's environment could set that decides who may connect; the activations here start without them.
 ACCESS = ("HOST", "API_KEY", "API_KEY_FILE", "ALLOW_UNAUTHENTICATED")
+# The caller's embedding settings, left out too unless a test passes them.
+EMBEDDING_VARS = ("EMBEDDING_MODEL_PATH", "EMBEDDING_MODEL_FILE", "EMBEDDING_POOLING", "EMBEDDING_BATCH_SIZE")
 
 
 def activation(runtime: Path, flox_env: Path, cache: Path, **extra: str) -> tuple[str, dict[str, str]]:
     """What `flox activate --start-services` runs, as a script and its environment: the caller's variables
     (``extra``), [vars] exported over them, the on-activate hook, then the service's command. The manifest's
     address (loopback), 2 threads, a free port."""
-    m = manifest(runtime)
-    env = {k: v for k, v in os.environ.items() if k not in ("MODEL_PATH", *ACCESS)}
+    m = merged_manifest(runtime)
+    env = {k: v for k, v in os.environ.items() if k not in ("MODEL_PATH", *EMBEDDING_VARS, *ACCESS)}
     env.update(extra)
     env.update(m["vars"])
     env.update({"PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}", "FLOX_ENV": str(flox_env),
@@ -95,17 +145,25 @@ def activation(runtime: Path, flox_env: Path, cache: Path, **extra: str) -> tupl
 
 
 def flox_env_with_model(tmp_path: Path, runtime: Path) -> Path:
-    """$FLOX_ENV as the model package lays it out: share/models/$MODEL_FILE (the embedded model stands in)."""
+    """$FLOX_ENV as the model packages lay it out: share/models/$MODEL_FILE, and $EMBEDDING_MODEL_FILE where the
+    environment has an embedding package (the embedded model stands in for both)."""
     models = tmp_path / "flox-env" / "share" / "models"
     models.mkdir(parents=True)
-    (models / manifest(runtime)["vars"]["MODEL_FILE"]).symlink_to(embedded_model_path())
+    env_vars = merged_manifest(runtime)["vars"]
+    for var in ("MODEL_FILE", "EMBEDDING_MODEL_FILE"):
+        if var in env_vars:
+            (models / env_vars[var]).symlink_to(embedded_model_path())
     return tmp_path / "flox-env"
 
 
 @contextmanager
 def service(runtime: Path, tmp_path: Path, **extra: str) -> Iterator[tuple[str, dict[str, str]]]:
     """The runtime's service running on the model package's file, as (its URL, its environment), until SIGTERM,
-    which must drain it to exit 0. Loopback only: a manifest that would listen beyond it is not started here."""
+    which must drain it to exit 0. Loopback only: a manifest that would listen beyond it is not started here.
+    Where the embedded model stands in for an embedding package, the caller pools it by mean, as all-MiniLM-L6-v2's
+    GGUF says for itself (the stand-in's names no pooling)."""
+    if "EMBEDDING_MODEL_FILE" in merged_manifest(runtime)["vars"]:
+        extra = {"EMBEDDING_POOLING": "mean", **extra}
     script, env = activation(runtime, flox_env_with_model(tmp_path, runtime), tmp_path / "cache", **extra)
     host = env.get("HOST", Settings.model_fields["host"].default)
     assert is_loopback(host), f"the service would listen on {host}"
@@ -157,11 +215,39 @@ def check_service_takes_the_callers_key(runtime: Path, tmp_path: Path) -> None:
         assert answer.status_code == 200, answer.text
 
 
+def check_service_serves_embeddings(runtime: Path, tmp_path: Path, **extra: str) -> None:
+    """The embedding model reaches the server through the activation: the manifest's EMBEDDING_MODEL_FILE (through
+    the hook) or the caller's EMBEDDING_MODEL_PATH, with the rest of its embedding settings, and /v1/embeddings
+    answers from that file. The embedded model stands in for all-MiniLM-L6-v2, pooled by mean as the caller says
+    (its GGUF names no pooling); the log names the embedding model's path and the batch from the settings."""
+    with service(runtime, tmp_path, **{"EMBEDDING_POOLING": "mean", **extra}) as (url, env):
+        expected = extra.get("EMBEDDING_MODEL_PATH") or f"{env['FLOX_ENV']}/share/models/{env['EMBEDDING_MODEL_FILE']}"
+        answer = httpx.post(url + "/v1/embeddings", json={"input": ["the keeper of the light", "a lamp"]},
+                            headers={"Host": f"localhost:{env['PORT']}"}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        vectors = [item["embedding"] for item in answer.json()["data"]]
+        assert len(vectors) == 2 and len(vectors[0]) > 0
+    log = (tmp_path / "cache/logs/llama-server.log").read_text()
+    batch = env.get("EMBEDDING_BATCH_SIZE", str(Settings.model_fields["embedding_batch_size"].default))
+    assert f"embedding model: {expected} (mean pooling" in log and f"{batch} tokens a decode" in log, log[-3000:]
+
+
+def check_service_refuses_a_missing_embedding_model(runtime: Path, tmp_path: Path) -> None:
+    """An embedding file that is not there: the service stops at once with one line naming EMBEDDING_MODEL_PATH."""
+    script, env = activation(runtime, flox_env_with_model(tmp_path, runtime), tmp_path / "cache",
+                             EMBEDDING_MODEL_PATH=str(tmp_path / "absent-embedder.gguf"))
+    proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "EMBEDDING_MODEL_PATH does not name a file" in proc.stderr and "absent-embedder.gguf" in proc.stderr, \
+        proc.stderr
+    assert not (tmp_path / "cache" / "logs" / "llama-server.log").exists()
+
+
 def check_runtime_closed(runtime: Path, tmp_path: Path) -> None:
     """Activated by a caller who set nothing, the environment listens on loopback unless it also configures a key,
     and nothing in it opts out of authentication (ALLOW_UNAUTHENTICATED); the service's command adds no address
     of its own. The pod in k8s/ passes its address and key as flags (tests/test_k8s.py checks them)."""
-    m = manifest(runtime)
+    m = merged_manifest(runtime)
     seen = tmp_path / "access"
     env = {"PATH": os.environ["PATH"], "FLOX_ENV": str(tmp_path / "flox-env"), "SEEN": str(seen), **m["vars"]}
     report = " ".join(f'"{name}=${{{name}:-}}"' for name in ACCESS)
@@ -206,23 +292,59 @@ def test_a_broken_manifest_is_caught_by_the_schema() -> None:
         jsonschema.validate(broken, json.loads(SCHEMA.read_text()))
 
 
-def test_runtime_installs_what_the_build_publishes() -> None:
-    check_runtime_installs_what_the_build_publishes(RUNTIME_ENV, BUILD_ENV)
-    check_model_file(RUNTIME_ENV, BUILD_ENV)
-    assert built_packages() == {"llama-server", "llama-model"}
+@pytest.mark.parametrize("runtime", RUNTIMES, ids=lambda p: p.name)
+def test_runtime_installs_what_the_build_publishes(runtime: Path) -> None:
+    check_runtime_installs_what_the_build_publishes(runtime, BUILD_ENV)
+    check_model_file(runtime, BUILD_ENV)
+    assert built_packages() == {"llama-server", "llama-model", "llama-embedding-model"}
+
+
+def test_the_embedding_runtime_is_the_runtime_with_an_embedding_model() -> None:
+    """llama-runtime-embeddings includes owner/llama-runtime from FloxHub and adds only the embedding package and
+    the embedding settings: the server, the chat model, the hook, the service and every other setting stay in
+    llama-runtime's manifest, and none of its settings is overridden."""
+    check_embedding_model_file(EMBEDDINGS_ENV, BUILD_ENV)
+    own, base = manifest(EMBEDDINGS_ENV), manifest(RUNTIME_ENV)
+    assert own["include"]["environments"] == [{"remote": f"owner/{env_pointer(RUNTIME_ENV)['name']}"}]
+    assert set(own) <= {"version", "include", "install", "vars", "options"}, sorted(own)
+    assert all(name.startswith("EMBEDDING_") for name in own["vars"]) and not set(own["vars"]) & set(base["vars"])
+    assert not set(own["install"]) & set(base["install"])
+    merged = merged_manifest(EMBEDDINGS_ENV)
+    assert merged["services"] == base["services"] and merged["hook"] == base["hook"]
+    # As the server reads them: the merged [vars] give valid settings, with embeddings on once the hook has run.
+    with mock.patch.dict(os.environ, {**{k: v for k, v in merged["vars"].items() if k.upper() in
+                                         {n.upper() for n in Settings.model_fields}},
+                                      "EMBEDDING_MODEL_PATH": "/flox-env/share/models/x.gguf"}):
+        settings = Settings()
+    assert settings.embeddings_on and settings.embedding_batch_size == int(merged["vars"]["EMBEDDING_BATCH_SIZE"])
 
 
 def test_runtime_service_starts_the_server_on_the_model_package(tmp_path: Path) -> None:
     check_service_serves(RUNTIME_ENV, tmp_path)
 
 
-def test_runtime_listens_on_loopback_unless_given_a_key(tmp_path: Path) -> None:
-    check_runtime_closed(RUNTIME_ENV, tmp_path)
-    check_service_takes_the_callers_key(RUNTIME_ENV, tmp_path)
+def test_embedding_runtime_serves_embeddings_from_its_package(tmp_path: Path) -> None:
+    check_service_serves_embeddings(EMBEDDINGS_ENV, tmp_path)
+
+
+def test_runtime_passes_the_callers_embedding_model_to_the_server(tmp_path: Path) -> None:
+    check_service_serves_embeddings(RUNTIME_ENV, tmp_path, EMBEDDING_MODEL_PATH=str(embedded_model_path()),
+                                    EMBEDDING_BATCH_SIZE="256")
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES, ids=lambda p: p.name)
+def test_runtime_listens_on_loopback_unless_given_a_key(tmp_path: Path, runtime: Path) -> None:
+    check_runtime_closed(runtime, tmp_path)
+    check_service_takes_the_callers_key(runtime, tmp_path)
 
 
 def test_runtime_service_refuses_a_missing_model(tmp_path: Path) -> None:
     check_service_refuses_a_missing_model(RUNTIME_ENV, tmp_path)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES, ids=lambda p: p.name)
+def test_runtime_service_refuses_a_missing_embedding_model(tmp_path: Path, runtime: Path) -> None:
+    check_service_refuses_a_missing_embedding_model(runtime, tmp_path)
 
 
 def test_readme_publishes_one_package_per_call_and_marks_what_needs_flox() -> None:
@@ -255,6 +377,7 @@ def mutated(tmp_path: Path, path: str, old: str | None, new: str = "") -> Path:
 
 
 RUNTIME_MANIFEST = "llama-runtime/.flox/env/manifest.toml"
+EMBEDDINGS_MANIFEST = "llama-runtime-embeddings/.flox/env/manifest.toml"
 MUTATIONS: dict[str, tuple[str, str | None, str, Callable[[Path, Path], None]]] = {
     "missing env.json": ("llama-runtime/.flox/env.json", None, "",
                          lambda r, t: check_environment(r / "llama-runtime")),
@@ -290,6 +413,25 @@ MUTATIONS: dict[str, tuple[str, str | None, str, Callable[[Path, Path], None]]] 
     "MODEL_PATH check removed": (
         RUNTIME_MANIFEST, 'if [ -z "${MODEL_PATH:-}" ] || [ ! -f "$MODEL_PATH" ]; then', "if false; then",
         lambda r, t: check_service_refuses_a_missing_model(r / "llama-runtime", t)),
+    # The embedding model: its file, through the hook, checked by the service, from the package installed.
+    "embedding hook removed": (
+        RUNTIME_MANIFEST, 'export EMBEDDING_MODEL_PATH="${EMBEDDING_MODEL_PATH:-$FLOX_ENV/share/models/'
+        '$EMBEDDING_MODEL_FILE}"', "true",
+        lambda r, t: check_service_serves_embeddings(r / "llama-runtime-embeddings", t)),
+    "EMBEDDING_MODEL_PATH check removed": (
+        RUNTIME_MANIFEST, 'if [ -n "${EMBEDDING_MODEL_PATH:-}" ] && [ ! -f "$EMBEDDING_MODEL_PATH" ]; then',
+        "if false; then", lambda r, t: check_service_refuses_a_missing_embedding_model(r / "llama-runtime", t)),
+    "embedding file the package does not install": (
+        EMBEDDINGS_MANIFEST, 'EMBEDDING_MODEL_FILE = "all-minilm-l6-v2.F16.gguf"',
+        'EMBEDDING_MODEL_FILE = "all-minilm-l6-v2.Q8_0.gguf"',
+        lambda r, t: check_embedding_model_file(r / "llama-runtime-embeddings", r / "llama-build")),
+    "embedding package not installed": (
+        EMBEDDINGS_MANIFEST, 'llama-embedding-model.pkg-path = "owner/llama-embedding-model"\n', "",
+        lambda r, t: check_embedding_model_file(r / "llama-runtime-embeddings", r / "llama-build")),
+    "a package of another owner included": (
+        EMBEDDINGS_MANIFEST, '"owner/llama-embedding-model"', '"someone/llama-embedding-model"',
+        lambda r, t: check_runtime_installs_what_the_build_publishes(r / "llama-runtime-embeddings",
+                                                                     r / "llama-build")),
 }
 
 

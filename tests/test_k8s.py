@@ -22,6 +22,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from benchmarks.planner import EMBEDDING_SHAPES, GIB, predict_embedding_memory
 from server.settings import Settings
 from tests.conftest import start_server, stop_server
 from tests.deployment import (
@@ -39,10 +40,13 @@ from tests.deployment import (
     runnable,
     walkthrough,
 )
+from tests.test_flox import EMBEDDINGS_ENV, merged_manifest
 
 K8S = REPO / "k8s"
 OVERLAYS = ["overlays/staging", "overlays/production"]
-RENDERED = ["cluster", *OVERLAYS]
+# The server with an embedding model beside the chat model, on the runtime environment that adds one.
+EMBEDDINGS = "overlays/embeddings"
+RENDERED = ["cluster", *OVERLAYS, EMBEDDINGS]
 # checkov lives in an environment of its own (Makefile, system-deps): its pins conflict with pytest's.
 CHECKOV_BIN = REPO / ".venv" / "checkov" / "bin"
 CHECKOV = CHECKOV_BIN / "checkov" if (CHECKOV_BIN / "checkov").exists() else shutil.which("checkov")
@@ -53,7 +57,29 @@ Docs = list[dict[str, Any]]
 
 
 def runtime_vars(env_dir: Path = RUNTIME_ENV) -> dict[str, str]:
-    return dict(manifest(env_dir)["vars"])
+    """The environment's [vars], with those of the environments it includes (as Flox merges them)."""
+    return dict(merged_manifest(env_dir)["vars"])
+
+
+def embedding_memory_gib(settings: dict[str, str]) -> float:
+    """The embedding model's memory in the pod, as the planner predicts it (benchmarks/planner.py): the model the
+    environment's EMBEDDING_MODEL_FILE names (<name>.<QUANT>.gguf, a named planner shape) at its
+    EMBEDDING_BATCH_SIZE, flash attention and mmap as configured; 0 without one."""
+    file = settings.get("EMBEDDING_MODEL_FILE")
+    if not file:
+        assert not settings.get("EMBEDDING_POOLING"), "the chat model embeds: size its second context here"
+        return 0.0
+    name, _, quant = file.removesuffix(".gguf").rpartition(".")
+    model = EMBEDDING_SHAPES.get(name)
+    assert model is not None and model.quant == quant, (
+        f"no planner shape for the embedding model {file}: add it to benchmarks/planner.py's EMBEDDING_SHAPES "
+        "(`llama-inference plan --embedding-model-path FILE` reads one) before sizing the pod")
+    on = ("1", "true", "yes")
+    batch = int(settings.get("EMBEDDING_BATCH_SIZE", Settings.model_fields["embedding_batch_size"].default))
+    memory = predict_embedding_memory(model, batch_size=batch,
+                                      flash_attn=settings.get("FLASH_ATTN", "true").lower() in on,
+                                      use_mmap=settings.get("USE_MMAP", "false").lower() in on)
+    return memory.total / GIB
 
 
 def one(docs: Docs, kind: str) -> dict[str, Any]:
@@ -148,11 +174,12 @@ def check_grace_period(overlay: Docs, settings: dict[str, str]) -> None:
 
 
 def check_resources(overlay: Docs, settings: dict[str, str]) -> None:
-    """Memory above the measured resident size of the configured model and context (+15% headroom, the
-    planner's), one llama.cpp thread per CPU of the limit, requests equal to limits."""
+    """Memory above the measured resident size of the configured model and context, and of the embedding model
+    beside it where there is one (the planner's figure), +15% headroom (the planner's), one llama.cpp thread per
+    CPU of the limit, requests equal to limits."""
     resources = container(overlay)["resources"]
     assert resources["requests"] == resources["limits"]
-    need = required_memory_gib(settings) * 1.15
+    need = (required_memory_gib(settings) + embedding_memory_gib(settings)) * 1.15
     assert memory_gib(resources["limits"]["memory"]) >= need, (resources["limits"]["memory"], f"{need:.2f} GiB")
     assert int(settings["N_THREADS"]) == int(resources["limits"]["cpu"])
 
@@ -201,7 +228,7 @@ def check_closed(overlay: Docs, settings: dict[str, str], readme: str, env_dir: 
     assert all((name, key) == (secret["secretName"], secret_key) and 2 * int(n) >= 32 for n, name, key in made), \
         (made, secret["secretName"], secret_key)
     assert not UNAUTHENTICATED.search(yaml.safe_dump_all(overlay)), "the pod opts out of authentication"
-    m = manifest(env_dir)
+    m = merged_manifest(env_dir)
     runs = [*m.get("vars", {}), *m.get("hook", {}).values(), *(s["command"] for s in m.get("services", {}).values())]
     assert not UNAUTHENTICATED.search("\n".join(runs)), "the runtime environment opts out of authentication"
 
@@ -286,6 +313,50 @@ def test_overlay_is_consistent(rendered: dict[str, Docs], overlay: str) -> None:
     check_autoscaling(docs, yaml.safe_load(ADAPTER_VALUES.read_text()))
     check_namespaces(docs)
     assert one(docs, "Namespace")["metadata"]["name"] == f"llama-{overlay.rsplit('/', 1)[1]}"
+
+
+def check_embedding_overlay(overlay: Docs, readme: str, env_dir: Path = EMBEDDINGS_ENV) -> None:
+    """The overlay serves an embedding model beside the chat model: its pod runs the environment that adds one
+    (owner/<env.json name>, following its latest generation), whose settings give the server an embedding model
+    file from the environment's package (EMBEDDING_MODEL_PATH under $FLOX_ENV/share/models, set by the hook, as
+    MODEL_PATH is) and the batch it is sized for, and its memory covers the chat model and the embedding model
+    together (check_resources, on those settings)."""
+    check_flox_annotation(overlay, pinned=False, env_dir=env_dir)
+    settings = runtime_vars(env_dir)
+    m = merged_manifest(env_dir)
+    script = m.get("hook", {}).get("on-activate", "") + '\nprintf "%s" "$EMBEDDING_MODEL_PATH"'
+    path = subprocess.run(["bash", "-euc", script], env={"PATH": os.environ["PATH"], "FLOX_ENV": "/flox-env",
+                                                         **settings}, capture_output=True, text=True, check=True,
+                          timeout=30).stdout
+    assert path == f"/flox-env/share/models/{settings['EMBEDDING_MODEL_FILE']}", path
+    assert effective(overlay, settings, "EMBEDDING_MODEL_PATH") is None  # the hook's, not the pod's
+    assert effective(overlay, settings, "EMBEDDING_BATCH_SIZE") == settings["EMBEDDING_BATCH_SIZE"]
+    assert embedding_memory_gib(settings) > 0
+    check_resources(overlay, settings)
+    assert f"kubectl kustomize k8s/{EMBEDDINGS}" in readme
+
+
+def test_embedding_overlay_serves_an_embedding_model_with_its_memory(rendered: dict[str, Docs]) -> None:
+    docs, settings = rendered[EMBEDDINGS], runtime_vars(EMBEDDINGS_ENV)
+    readme = (K8S / "README.md").read_text()
+    check_embedding_overlay(docs, readme)
+    check_runtime_class(rendered["cluster"], docs, readme)
+    check_grace_period(docs, settings)
+    check_settings_in_one_place(docs, settings)
+    check_closed(docs, settings, readme, env_dir=EMBEDDINGS_ENV)
+    assert check_network_policy(docs)
+    check_autoscaling(docs, yaml.safe_load(ADAPTER_VALUES.read_text()))
+    check_namespaces(docs)
+    assert one(docs, "Namespace")["metadata"]["name"] == "llama-embeddings"
+    # What the planner adds for all-MiniLM-L6-v2 at 512 tokens a decode: about 0.12 GiB, on top of the chat
+    # model's measured 6.05 GiB (with its prompt cache); the limit is what that asks for, no more.
+    extra = embedding_memory_gib(settings)
+    assert 0.1 < extra < 0.15, extra
+    need = (required_memory_gib(settings) + extra) * 1.15
+    limit = memory_gib(container(docs)["resources"]["limits"]["memory"])
+    assert need <= limit < need + 1, (need, limit)
+    # The embedding model is what takes the pod past 7Gi: without it, the base's sizing alone fits.
+    assert required_memory_gib(settings) * 1.15 <= 7 < need
 
 
 def test_private_environments_get_the_floxhub_token_as_flox_documents(rendered: dict[str, Docs]) -> None:
@@ -481,6 +552,37 @@ MUTATIONS: dict[str, tuple[str, str, str, Callable[[Path], None]]] = {
     "policy selecting other pods": (
         "k8s/base/networkpolicy.yaml", "      app: llama-inference", "      app: llama",
         lambda r: check_network_policy(render(r / "k8s/base"))),
+    # An embedding model beside the chat model: the environment that has one, and the memory for both.
+    "the embedding overlay on the runtime without an embedding model": (
+        "k8s/overlays/embeddings/kustomization.yaml", "value: owner/llama-runtime-embeddings",
+        "value: owner/llama-runtime",
+        lambda r: check_embedding_overlay(render(r / "k8s/overlays/embeddings"), (r / "k8s/README.md").read_text(),
+                                          env_dir=r / "flox/llama-runtime-embeddings")),
+    "the embedding pod sized for the chat model alone": (
+        "k8s/overlays/embeddings/kustomization.yaml",
+        "requests/memory\n        value: 8Gi\n      - op: replace\n"
+        "        path: /spec/template/spec/containers/0/resources/limits/memory\n        value: 8Gi",
+        "requests/memory\n        value: 7Gi\n      - op: replace\n"
+        "        path: /spec/template/spec/containers/0/resources/limits/memory\n        value: 7Gi",
+        lambda r: check_embedding_overlay(render(r / "k8s/overlays/embeddings"), (r / "k8s/README.md").read_text(),
+                                          env_dir=r / "flox/llama-runtime-embeddings")),
+    "a larger embedding batch, memory unchanged": (
+        "flox/llama-runtime-embeddings/.flox/env/manifest.toml", 'EMBEDDING_BATCH_SIZE = "512"',
+        'EMBEDDING_BATCH_SIZE = "8192"',
+        lambda r: check_resources(render(r / "k8s/overlays/embeddings"),
+                                  runtime_vars(r / "flox/llama-runtime-embeddings"))),
+    "an embedding model the planner does not know": (
+        "flox/llama-runtime-embeddings/.flox/env/manifest.toml", 'EMBEDDING_MODEL_FILE = "all-minilm-l6-v2.F16.gguf"',
+        'EMBEDDING_MODEL_FILE = "nomic-embed-text-v1.5.F16.gguf"',
+        lambda r: check_resources(render(r / "k8s/overlays/embeddings"),
+                                  runtime_vars(r / "flox/llama-runtime-embeddings"))),
+    "the embedding model's path set in the pod": (
+        "k8s/overlays/embeddings/kustomization.yaml", "        value: owner/llama-runtime-embeddings\n",
+        "        value: owner/llama-runtime-embeddings\n      - op: add\n"
+        "        path: /spec/template/spec/containers/0/env/-\n"
+        "        value: {name: EMBEDDING_MODEL_PATH, value: /models/minilm.gguf}\n",
+        lambda r: check_settings_in_one_place(render(r / "k8s/overlays/embeddings"),
+                                              runtime_vars(r / "flox/llama-runtime-embeddings"))),
     "the overlay's patch on a moved rule": (
         "k8s/base/networkpolicy.yaml", "              - key: kubernetes.io/metadata.name",
         "              - key: team", lambda r: renders(r / "k8s/overlays/staging")),
