@@ -11,7 +11,7 @@ Both servers get the same model, threads, batch size (logical and physical: an e
 and up to 64 inputs a decode (llama-server: 64 slots), and both answer OpenAI's ``/v1/embeddings``. Ours also serves
 its chat model beside (the embedded one, idle here); llama-server serves embeddings only. One client sends requests
 one after another: a request of 1, 16 or 64 short documents (~25 tokens) or 8 long ones (~450 tokens); the servers
-alternate request by request. Reported: inputs/s and tokens/s (median over the rounds, and range), the ratio, and
+alternate request by request, each after a pause (``--pause``: both servers' threads idle). Reported: inputs/s and tokens/s (median over the rounds, and range), the ratio, and
 the resident memory our server gains with the embedding model (the same server started without it, measured in the
 same run).
 """
@@ -58,6 +58,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=512, help="EMBEDDING_BATCH_SIZE; llama-server -b and -ub")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--pause", type=float, default=0.5,
+                        help="seconds idle before each request: llama-server's threads poll for work a while after "
+                        "each request (its --poll 50), taking the cores from a request to the other server sent "
+                        "right after (measured: ours 89 ms alone, 256 ms right after one of llama-server's)")
     parser.add_argument("--out", default="benchmarks/results/embeddings.json")
     args = parser.parse_args()
     ours_port, theirs_port, bare_port = free_port(), free_port(), free_port()
@@ -86,6 +90,7 @@ def main() -> None:
             for size, (text, n) in SIZES.items():
                 docs = [text.format(i=f"{r}.{i}") for i in range(n)]
                 for name, url in order if r % 2 == 0 else order[::-1]:
+                    time.sleep(args.pause)
                     times[name][size].append(one_request(client, url, docs))
         memory["ours with embeddings"] = rss_mib(ours.pid)
         memory["llama-server"] = rss_mib(theirs.pid)

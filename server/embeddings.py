@@ -99,6 +99,13 @@ class EmbeddingService:
             raise unavailable(str(exc)) from exc
 
 
+def json_floats(vector: np.ndarray) -> list[float]:
+    """A vector's components for JSON, to 8 decimals: a float32's own precision for the components of a unit
+    vector (one unit in the last place at 0.05 is 4e-9), in half the text of float64's 17 digits (and half the
+    time to write and to read)."""
+    return np.round(vector.astype(np.float64), 8).tolist()  # type: ignore[no-any-return]
+
+
 def _renormalised(vector: np.ndarray) -> np.ndarray:
     norm = float(np.linalg.norm(vector))
     return vector / norm if norm > 0 else vector

@@ -173,8 +173,9 @@ class Settings(BaseSettings):
         default=512, ge=16, le=8192,
         description="Most tokens of one embedding decode (many inputs, each a sequence, as llama-server's "
         "--ubatch-size); an input longer than this or than the embedding model's context is refused with a 400, "
-        "never cut: raise it for a model with a longer context (nomic-embed-text: 2048, or 8192). Its compute "
-        "buffer grows with it (all-MiniLM: 6 MiB at 512, 98 MiB at 2048).",
+        "never cut: raise it for a model with a longer context (nomic-embed-text: 2048, or 8192). Memory grows with "
+        "it: llama.cpp keeps every token's outputs (all-MiniLM: 124 MiB resident at 512, 331 MiB at 2048; `plan` "
+        "counts it).",
     )
     embedding_max_inputs: int = Field(
         default=2048, ge=1, le=100_000, description="Most inputs one embedding request may carry (OpenAI's bound).")

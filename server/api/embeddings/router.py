@@ -12,6 +12,7 @@ from fastapi import APIRouter, Response
 
 from server.api.embeddings.protocol import EmbeddingList, EmbeddingRequest
 from server.deps import EmbeddingsDep
+from server.embeddings import json_floats
 from server.errors import ERROR_RESPONSES, APIError, ErrorResponse
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -39,7 +40,7 @@ def _body(vectors: list[np.ndarray], encoding: str, model: str, prompt_tokens: i
     if encoding == "base64":
         items: list[object] = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in vectors]
     else:
-        items = [v.tolist() for v in vectors]
+        items = [json_floats(v) for v in vectors]
     return json.dumps({
         "object": "list",
         "data": [{"object": "embedding", "index": i, "embedding": item} for i, item in enumerate(items)],

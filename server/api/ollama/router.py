@@ -32,7 +32,7 @@ from server.api.ollama.protocol import (
 )
 from server.api.ollama.serving import NDJSON, check_model, model_entry, running_model, serve, show
 from server.deps import EmbeddingsDep, ServiceDep
-from server.embeddings import EmbeddingService
+from server.embeddings import EmbeddingService, json_floats
 from server.errors import APIError
 from server.security import cache_scope
 
@@ -117,7 +117,7 @@ async def embed(body: EmbedRequest, service: EmbeddingsDep) -> Response:
     result = await service.embed(inputs, dimensions=body.dimensions)
 
     def answer() -> bytes:  # up to EMBEDDING_MAX_INPUTS vectors: written off the event loop
-        return json.dumps({"model": body.model, "embeddings": [v.tolist() for v in result.vectors],
+        return json.dumps({"model": body.model, "embeddings": [json_floats(v) for v in result.vectors],
                            "total_duration": time.perf_counter_ns() - started, "load_duration": 0,
                            "prompt_eval_count": result.prompt_tokens}).encode()
     return Response(await asyncio.to_thread(answer), media_type="application/json")
@@ -128,4 +128,4 @@ async def embed(body: EmbedRequest, service: EmbeddingsDep) -> Response:
 async def embeddings(body: LegacyEmbeddingRequest, service: EmbeddingsDep) -> LegacyEmbeddingResponse:
     _check_embedding_model(body.model, service)
     result = await service.embed([body.prompt], param="prompt")
-    return LegacyEmbeddingResponse(embedding=result.vectors[0].tolist())
+    return LegacyEmbeddingResponse(embedding=json_floats(result.vectors[0]))
