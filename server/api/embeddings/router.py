@@ -12,7 +12,7 @@ from fastapi import APIRouter, Response
 
 from server.api.embeddings.protocol import EmbeddingList, EmbeddingRequest
 from server.deps import EmbeddingsDep
-from server.embeddings import json_floats
+from server.embeddings import json_floats, off_loop_size
 from server.errors import ERROR_RESPONSES, APIError, ErrorResponse
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -31,8 +31,8 @@ async def embeddings(body: EmbeddingRequest, service: EmbeddingsDep) -> Response
         raise APIError(404, f"The model '{body.model}' does not exist; this server embeds with "
                        f"'{service.model_name}'", param="model", code="model_not_found")
     result = await service.embed(body.inputs(), dimensions=body.dimensions)
-    content = await asyncio.to_thread(_body, result.vectors, body.encoding_format, service.model_name,
-                                      result.prompt_tokens)
+    args = (result.vectors, body.encoding_format, service.model_name, result.prompt_tokens)
+    content = await asyncio.to_thread(_body, *args) if off_loop_size(result.vectors) else _body(*args)
     return Response(content, media_type="application/json")
 
 

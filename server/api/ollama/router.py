@@ -32,7 +32,7 @@ from server.api.ollama.protocol import (
 )
 from server.api.ollama.serving import NDJSON, check_model, model_entry, running_model, serve, show
 from server.deps import EmbeddingsDep, ServiceDep
-from server.embeddings import EmbeddingService, json_floats
+from server.embeddings import EmbeddingService, json_floats, off_loop_size
 from server.errors import APIError
 from server.security import cache_scope
 
@@ -116,11 +116,12 @@ async def embed(body: EmbedRequest, service: EmbeddingsDep) -> Response:
     inputs = [body.input] if isinstance(body.input, str) else body.input
     result = await service.embed(inputs, dimensions=body.dimensions)
 
-    def answer() -> bytes:  # up to EMBEDDING_MAX_INPUTS vectors: written off the event loop
+    def answer() -> bytes:  # up to EMBEDDING_MAX_INPUTS vectors: many are written off the event loop
         return json.dumps({"model": body.model, "embeddings": [json_floats(v) for v in result.vectors],
                            "total_duration": time.perf_counter_ns() - started, "load_duration": 0,
                            "prompt_eval_count": result.prompt_tokens}).encode()
-    return Response(await asyncio.to_thread(answer), media_type="application/json")
+    content = await asyncio.to_thread(answer) if off_loop_size(result.vectors) else answer()
+    return Response(content, media_type="application/json")
 
 
 @router.post("/embeddings", response_model=LegacyEmbeddingResponse,
