@@ -30,7 +30,9 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     host memory, full within the soak's warm-up: from then on each entry kept drops an older one."""
     server = start_server(tmp_path_factory.mktemp("reliability"), "--parallel", str(SLOTS), "--queue-size",
                           str(QUEUE), "--max-tokens-limit", "16", "--default-max-tokens", "8",
-                          "--cache-ram-mib", str(SOAK_CACHE_MIB))
+                          "--cache-ram-mib", str(SOAK_CACHE_MIB),
+                          # The chat model embeds too, so the embedding routes are fuzzed for real, not only their 501.
+                          "--embedding-pooling", "mean")
     yield server
     stop_server(server)
 
@@ -52,7 +54,11 @@ def wait_idle(client: httpx.Client, timeout: float = 10.0) -> None:
 def test_api_conforms_to_its_schema_and_never_fails(small: LiveServer) -> None:
     schema = schemathesis.openapi.from_url(small.url + "/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/generate", "/v1/completions", "/v1/chat/completions", "/health"}
+    # Every dialect's routes are fuzzed: the seed's, OpenAI's, Anthropic's, Ollama's, llama-server's FIM, embeddings.
+    assert {op.path for op in operations} >= {"/generate", "/v1/completions", "/v1/chat/completions", "/health",
+                                              "/v1/messages", "/v1/messages/count_tokens", "/v1/responses",
+                                              "/api/chat", "/api/generate", "/api/show", "/api/embed", "/infill",
+                                              "/v1/embeddings", "/tokenize"}
     calls = 0
     for operation, mode in [(op, m) for op in operations for m in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)]:
 
