@@ -270,9 +270,11 @@ def test_the_chat_model_embeds_itself_when_given_a_pooling(tmp_path: Path, model
             ours = np.array([d["embedding"] for d in answer.json()["data"]])
             again = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2, "temperature": 0})
             models = [m["id"] for m in http.get("/v1/models").json()["data"]]
+            shown = http.post("/api/show", json={"model": "x"}).json()
         assert ours.shape == (3, 576)  # SmolLM2-135M's width
         assert again.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
         assert models == ["SmolLM2-135M-Instruct.Q4_1"]  # one model, serving both
+        assert "embedding" in shown["capabilities"] and "completion" in shown["capabilities"]
     finally:
         stop_server(live)
     from llama_cpp import LLAMA_POOLING_TYPE_MEAN, Llama

@@ -173,6 +173,8 @@ def show(service: GenerationService) -> ShowResponse:
     if not model.missing_fim_tokens():
         capabilities.append("insert")
     s = service.settings
+    if s.embedding_pooling is not None and s.embedding_model_path is None:  # the chat model embeds (/api/embed)
+        capabilities.append("embedding")
     parameters = {"num_ctx": service.engine.slot_ctx, "num_predict": s.default_max_tokens,
                   "temperature": DEFAULT_TEMPERATURE, "top_k": DEFAULT_TOP_K, "top_p": DEFAULT_TOP_P,
                   "repeat_penalty": DEFAULT_REPEAT_PENALTY, "repeat_last_n": DEFAULT_REPEAT_LAST_N}
