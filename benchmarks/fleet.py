@@ -45,7 +45,8 @@ POLICIES: dict[str, tuple[list[str], bool]] = {
 }
 
 
-def converse(url: str, visitor: str, turns: int, session: bool, out: list[dict[str, float]]) -> None:
+def converse(url: str, visitor: str, turns: int, session: bool, out: list[dict[str, float]],
+             max_tokens: int = 32) -> None:
     history = [{"role": "system", "content": SYSTEM}]
     headers = {"X-Session-ID": visitor} if session else {}
     with httpx.Client(base_url=url, timeout=600, headers=headers) as client:
@@ -58,7 +59,7 @@ def converse(url: str, visitor: str, turns: int, session: bool, out: list[dict[s
             history.append({"role": "user", "content": question})
             started = time.perf_counter()
             first, text, usage = None, "", {}
-            body = {"model": "m", "messages": history, "max_tokens": 32, "temperature": 0, "stream": True,
+            body = {"model": "m", "messages": history, "max_tokens": max_tokens, "temperature": 0, "stream": True,
                     "stream_options": {"include_usage": True}, "user": visitor}
             with client.stream("POST", "/v1/chat/completions", json=body) as resp:
                 resp.raise_for_status()
@@ -90,6 +91,10 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--n-threads", type=int, default=1)
     parser.add_argument("--parallel", type=int, default=2)
+    parser.add_argument("--ctx-size", type=int, default=8192)
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens an answer")
+    parser.add_argument("--server-args", default="", help="more flags for each replica (e.g. --chat-template FILE "
+                        "for a GGUF without one, as the 7B shape)")
     parser.add_argument("--model-path", help="GGUF of every replica (default: the embedded model)")
     parser.add_argument("--conversations", type=int, default=6)
     parser.add_argument("--turns", type=int, default=5)
@@ -109,7 +114,8 @@ def main() -> None:
             model = ["--model-path", args.model_path] if args.model_path else []
             log_paths.append(logs / f"replica-{i}.log")
             stack.enter_context(running(our_server_cmd(port, *model, "--n-threads", str(args.n_threads), "--parallel",
-                                                       str(args.parallel), "--ctx-size", "8192", "--queue-size", "32"),
+                                                       str(args.parallel), "--ctx-size", str(args.ctx_size),
+                                                       "--queue-size", "32", *args.server_args.split()),
                                         f"http://127.0.0.1:{port}/ready", timeout=900, log_path=str(log_paths[-1])))
             urls.append(f"http://127.0.0.1:{port}")
         for name in args.policies.split(","):
@@ -121,7 +127,7 @@ def main() -> None:
                 turns: list[dict[str, float]] = []
                 started = time.perf_counter()
                 threads = [threading.Thread(target=converse, args=(f"http://127.0.0.1:{port}", f"{name}-visitor-{n}",
-                                                                   args.turns, session, turns))
+                                                                   args.turns, session, turns, args.max_tokens))
                            for n in range(args.conversations)]
                 for t in threads:
                     t.start()
@@ -140,7 +146,7 @@ def main() -> None:
             print(f"  {name}: {json.dumps(results[name])}", flush=True)
     base = results.get("round_robin", {}).get("ttft_p50_ms")
     print(f"\n{args.replicas} replicas x {args.n_threads} threads x {args.parallel} slots; {args.conversations} "
-          f"conversations of {args.turns} turns at once, 32 tokens an answer")
+          f"conversations of {args.turns} turns at once, {args.max_tokens} tokens an answer")
     print("| policy | later turns' history cached | TTFT p50 | TTFT p90 | p50 / round robin | busiest replica | wall |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
