@@ -622,3 +622,20 @@ def test_unified_cache_shares_short_prefixes_bounds_each_slot_and_keeps_greedy_t
             assert "holds 512 tokens" in too_long.json()["error"]["message"]
     finally:
         assert stop_server(unified) == 0
+
+
+def test_a_request_that_asked_not_to_be_cached_is_not_copied_to_host_memory(tmp_path: Path) -> None:
+    """Its slot goes to another prompt without a copy of its cells (the copy would cost that prompt's first step
+    for cells nobody asked to keep); a cached one's cells are kept."""
+    live = start_server(tmp_path, "--parallel", "1", "--n-threads", "1")
+    story = "The keeper of the old lighthouse climbed the stairs at dusk and lit the lamp for the boats. " * 6
+    try:
+        with httpx.Client(base_url=live.url, timeout=120) as client:
+            generate(client, story, cache_prompt=False)
+            generate(client, "Why is the sea salty?")  # takes the one slot
+            assert metric(client.get("/metrics").text, "llama_prompt_cache_bytes") == 0
+            generate(client, "Why is the sea salty? Tell me more.")  # its own slot: nothing to stash
+            generate(client, story)  # takes the slot from the cached one: those cells go to host memory
+            assert metric(client.get("/metrics").text, "llama_prompt_cache_bytes") > 0
+    finally:
+        stop_server(live)

@@ -113,6 +113,7 @@ class _Slot:
     last_used: float = 0.0
     scope: str = ""  # cache_scope of the request that filled ``tokens``
     prompt_len: int = 0  # that request's prompt tokens; the cells past them hold its output
+    keep: bool = True  # that request let its prompt be reused (cache_prompt): its cells may go to host memory
 
 
 class Engine:
@@ -508,7 +509,7 @@ class Engine:
             shared = n
         # At least one prompt token is always decoded, to get logits for the first sample.
         keep = self._cut_back(slot, min(shared, len(prompt) - 1))
-        slot.scope, slot.prompt_len = scope, len(prompt)
+        slot.scope, slot.prompt_len, slot.keep = scope, len(prompt), handle.request.cache_prompt
         assert self.model is not None
         sampler = Sampler(handle.request.sampling, self.model.n_vocab, self.model.vocab)
         if handle.request.sampling.has_penalties:
@@ -531,7 +532,10 @@ class Engine:
         prompt cache, when what it loses could ever be worth putting back. A failure only loses the cache entry."""
         cache = self._prompt_cache
         assert cache is not None
-        if not worth_restoring(len(slot.tokens), len(slot.tokens) - keep):
+        # Each copy costs the step that takes the slot a serialization of all its cells: none for a request that
+        # asked not to be cached, none for cells an entry already holds (a conversation restored and cut back).
+        if not slot.keep or not worth_restoring(len(slot.tokens), len(slot.tokens) - keep) \
+                or cache.covers(slot.tokens, slot.scope):
             return
         t0 = time.perf_counter()
         try:

@@ -70,6 +70,12 @@ class PromptCache:
         self._scope_bytes[scope] = self._scope_bytes.get(scope, 0) + len(data)
         return True
 
+    def covers(self, tokens: Sequence[int], scope: str) -> bool:
+        """Whether an entry of ``scope`` already holds the cells of ``tokens`` (it starts with all of them)."""
+        n = len(tokens)
+        return any(e.scope == scope and len(e.tokens) >= n and e.tokens[:n] == list(tokens)
+                   for e in self._entries.values())
+
     def scope_bytes(self, scope: str) -> int:
         return self._scope_bytes.get(scope, 0)
 
