@@ -3,6 +3,8 @@
     llama-inference plan --shape llama-2-7b --quant Q4_K_M --ctx-size 4096 --parallel 2 --n-threads 4
     llama-inference plan --gguf models/llama-2-7b.Q4_K_M.gguf --calibrate --target-rps 2
     llama-inference plan --gguf models/llama-2-7b.Q4_K_M.gguf --embedding-model-path models/all-MiniLM-L6-v2-f16.gguf
+    llama-inference plan --gguf models/llama-2-7b.Q4_K_M.gguf --calibrate --target-rps 2 --cache-hit-share 0.5 \
+        --router vllm-router
 
 The server's settings (context, slots, threads, KV-cache type, mmap...) are a :class:`server.settings.Settings`,
 the object ``serve`` runs with: same flags, same environment variables, same defaults, and the plan prints the
@@ -16,6 +18,11 @@ its own context's buffers and cells, shown as its share of the total. Speed come
 run on this machine (``--calibrate``): a short real decode of the target GGUF when it is at hand (alone and with
 every slot busy), else of the embedded model, scaled by size: decoding is bound by memory bandwidth (every token
 reads all weights), prompt processing by arithmetic (2 FLOPs per parameter per token).
+
+A fleet (``--target-rps`` with ``--calibrate``): the replicas that serve the target load, counting the prefill that
+prompt-cache hits avoid (``--cache-hit-share``: a request prefills only the share of its prompt not found cached),
+and with ``--router vllm-router`` the router's own pod in front of them (k8s/overlays/vllm-router), sized from
+its measured memory and CPU.
 """
 
 from __future__ import annotations
@@ -276,6 +283,74 @@ DEFAULT_BATCH_SPEEDUP = {1: 1.0, 2: 1.25, 4: 1.5, 8: 1.7}
 HEADROOM = 1.15  # allocator slack, page cache, growth of Python objects
 UTILIZATION = 0.7  # share of a pod's capacity planned to be used (room for bursts)
 
+# ---- a fleet behind a router ----
+
+# The share of prompt tokens a request finds in the prompt cache (--cache-hit-share): its prefill time scales by
+# (1 - share). What the fleet tests measured (tests/test_fleet.py: three replicas behind vllm-router 0.1.17, five
+# conversations of four turns behind a shared system prompt): with `sticky_least_loaded` and an X-Session-ID, and
+# with `cache_aware` and its balance thresholds lowered to a pod's few slots, at least 0.9 of each later turn's
+# history was found cached; round robin finds less (a later turn lands on the replica that holds its history about
+# one time in N replicas; elsewhere only the shared system prompt is cached), and so does a plain Service. The
+# share is over all of a request's prompt tokens, first turns included: turns adding the same number of tokens each
+# to a conversation of N turns, of whose history a share h is found, give h x (N - 1) / (N + 1) (0.54 for four
+# turns at h = 0.9), more with a long shared system prompt cached on every replica.
+CACHE_ROUTERS = {"vllm-router": "sticky_least_loaded with X-Session-ID, or cache_aware with lowered thresholds"}
+
+# vllm-router 0.1.17's own pod (the wheel pyproject's test extra pins, as k8s/overlays/vllm-router runs it from
+# flox/llama-router), measured on this project's 2-core machine: .venv/bin/vllm-router started with
+# `--policy sticky_least_loaded`, the overlay's health-check flags (/ready every 2 s) and `--worker-urls` of two
+# stand-in workers on loopback (stdlib HTTP servers streaming OpenAI chat chunks), relaying streamed
+# /v1/chat/completions with a new X-Session-ID each; its resident memory read with psutil (memory_info().rss of the
+# process and its children: it has none, the Rust router runs inside the Python launcher) every 50 ms, its CPU
+# from cpu_times() (user + system):
+#   idle, 5 s after /readiness answered (0.7 s after start)               76.7 MiB
+#   400 streams of 200 chunks, 16 at a time                               peak 79.4 MiB, 1.80 ms CPU a request
+#   200 streams of 1000 chunks, 8 at a time                               peak 80.4 MiB, 4.75 ms CPU a request
+#   3000 streams of 50 chunks, 64 at a time (3000 sticky sessions)        peak 82.6 MiB, 0.99 ms CPU a request
+# Most of the memory is CPython under the launcher and the Rust extension's 62 MB file, mapped; the streams and the
+# sessions add a few MiB. cache_aware keeps a prefix tree per worker on top, bounded by --max-tree-size characters
+# (2^25 by default), not measured here.
+ROUTER_RSS_BYTES = 83 * 2**20  # the highest peak, rounded up
+ROUTER_CPU_S_PER_REQUEST = 1.5e-3  # about 1.1 ms a request measured, rounded up
+ROUTER_CPU_S_PER_TOKEN = 5e-6  # about 3.7 us a streamed chunk (one token) measured, rounded up
+ROUTER_MIN_CPU = 0.1  # cores: the health checks of every worker, pod discovery, bursts of new connections
+ROUTER_CPU_LIMIT = 1  # one core: a burst is never throttled below what one Tokio thread relays
+MIB = 2**20
+
+
+@dataclass
+class RouterPod:
+    """The router's pod: requests and limits (Kubernetes quantities), and what they come from."""
+
+    name: str
+    rss_mib: float  # measured (ROUTER_RSS_BYTES)
+    cpu_cores_at_target: float | None  # its CPU at the target load (None without --target-rps)
+    requests_cpu: str
+    requests_memory: str
+    limits_cpu: str
+    limits_memory: str
+
+
+def router_pod(name: str = "vllm-router", *, target_rps: float | None = None, output_tokens: int = 200,
+               utilization: float = UTILIZATION) -> RouterPod:
+    """vllm-router's pod: memory requested = the measured peak x HEADROOM, in whole 64 MiB, and twice that as the
+    limit (sessions and streams grow it little; a cache_aware tree more); CPU requested = its CPU at the target load
+    (a request's fixed cost and each streamed token's) over ``utilization``, at least ROUTER_MIN_CPU, in 50m steps;
+    one core as the limit."""
+    if name not in CACHE_ROUTERS:
+        raise ValueError(f"unknown router {name!r}; known: {', '.join(CACHE_ROUTERS)}")
+    memory_mib = math.ceil(ROUTER_RSS_BYTES * HEADROOM / (64 * MIB)) * 64
+    cores = None
+    cpu = ROUTER_MIN_CPU
+    if target_rps is not None:
+        cores = target_rps * (ROUTER_CPU_S_PER_REQUEST + output_tokens * ROUTER_CPU_S_PER_TOKEN)
+        cpu = max(cpu, cores / utilization)
+    millicores = math.ceil(round(cpu * 1000, 6) / 50) * 50
+    return RouterPod(name=name, rss_mib=round(ROUTER_RSS_BYTES / MIB, 1),
+                     cpu_cores_at_target=None if cores is None else round(cores, 6),
+                     requests_cpu=f"{millicores}m", requests_memory=f"{memory_mib}Mi",
+                     limits_cpu=str(ROUTER_CPU_LIMIT), limits_memory=f"{2 * memory_mib}Mi")
+
 
 @dataclass
 class Calibration:
@@ -339,6 +414,12 @@ class Plan:
     # The embedding model's share, where one is served: its name, whether it is an encoder, its batch, its memory
     # in all (GiB; by part in memory_gib's embedding_* keys) and that as a fraction of the total.
     embedding: dict[str, Any] | None = None
+    # A fleet: the load the replicas are for, the share of prompt tokens found cached, a request's prefill after
+    # those hits (ttft_s is the prefill of the whole prompt), and the router's pod in front of the replicas.
+    target_rps: float | None = None
+    cache_hit_share: float = 0.0
+    prefill_s: float | None = None
+    router: dict[str, Any] | None = None
 
 
 def gib_string(value: float) -> str:
@@ -377,9 +458,13 @@ def make_plan(shape: Shape, *, quant: str, settings: Settings, weights_bytes: fl
               model_path: str | None = None, calibration: Calibration | None = None, prompt_tokens: int = 100,
               output_tokens: int = 200, target_rps: float | None = None,
               utilization: float = UTILIZATION, embedding: EmbeddingModel | None = None,
-              embedding_path: str | None = None) -> Plan:
+              embedding_path: str | None = None, cache_hit_share: float = 0.0, router: str | None = None) -> Plan:
     """Memory, speed and sizing of a pod that runs ``serve`` with ``settings`` on this model, and on ``embedding``
-    beside it where given (with EMBEDDING_POOLING and no embedding model, the chat model embeds)."""
+    beside it where given (with EMBEDDING_POOLING and no embedding model, the chat model embeds); with
+    ``target_rps``, the replicas for that load, each request prefilling the (1 - ``cache_hit_share``) of its prompt
+    not found cached, and ``router``'s pod in front of them."""
+    if not 0 <= cache_hit_share < 1:
+        raise ValueError(f"cache_hit_share must be at least 0 and below 1, not {cache_hit_share}")
     assumptions: list[str] = []
     notes: list[str] = []
     if embedding is None and settings.embedding_pooling and settings.embedding_model_path is None:
@@ -427,7 +512,7 @@ def make_plan(shape: Shape, *, quant: str, settings: Settings, weights_bytes: fl
                            "counted whole (it fills as conversations lose their slots)")
     assumptions.append(f"memory headroom x{HEADROOM} over the sum (allocator slack, page cache); runtime "
                        f"{RUNTIME_BYTES / GIB:.2f} GiB")
-    decode = aggregate = ttft = capacity = None
+    decode = aggregate = ttft = capacity = prefill = None
     replicas = None
     if calibration is not None:
         decode = calibration.decode_tps(weights_bytes)
@@ -447,13 +532,37 @@ def make_plan(shape: Shape, *, quant: str, settings: Settings, weights_bytes: fl
         assumptions.append(f"requests of {prompt_tokens} prompt tokens and {output_tokens} generated tokens "
                            f"(--prompt-tokens, --output-tokens); prompts at {calibration.flops_per_second / 1e9:.0f} "
                            f"GFLOP/s x {PROMPT_KERNEL_SPEEDUP} scaled to {settings.n_threads} threads")
-        seconds_per_request = ttft / settings.parallel + output_tokens / aggregate
+        # The prompt's cached share is not prefilled again (the prompt cache, or the slot's own cells).
+        prefill = ttft * (1 - cache_hit_share)
+        if cache_hit_share:
+            assumptions.append(
+                f"prefill: {cache_hit_share:.0%} of prompt tokens found cached (--cache-hit-share), so a request "
+                f"prefills {prompt_tokens * (1 - cache_hit_share):.0f} of its {prompt_tokens} prompt tokens: "
+                f"{prefill:.2f} s instead of {ttft:.2f} s")
+        seconds_per_request = prefill / settings.parallel + output_tokens / aggregate
         capacity = 1 / seconds_per_request
         if target_rps is not None:
             replicas = max(1, math.ceil(target_rps / (capacity * utilization)))
             assumptions.append(f"replicas run at {utilization:.0%} of their capacity")
     elif target_rps is not None:
         notes.append("replicas: not computed: --target-rps needs the speed of this machine; add --calibrate")
+    if cache_hit_share:
+        if router is not None:
+            assumptions.append(f"cache hits hold behind {router} keeping each conversation on its replica "
+                               f"({CACHE_ROUTERS[router]}: the fleet tests found >= 0.9 of later turns' history "
+                               "cached; round robin finds less)")
+        elif replicas is None or replicas > 1:
+            notes.append("cache hits: a plain Service spreads a conversation's turns without regard to their cache; "
+                         "put a router in front (--router vllm-router, k8s/overlays/vllm-router) or plan with a "
+                         "lower --cache-hit-share")
+    pod = None
+    if router is not None:
+        pod = router_pod(router, target_rps=target_rps, output_tokens=output_tokens, utilization=utilization)
+        assumptions.append(
+            f"router pod: {router} 0.1.17 measured at {pod.rss_mib:g} MiB resident at most (sticky_least_loaded, "
+            f"up to 64 streams at once; cache_aware's prefix trees come on top), memory x{HEADROOM} in whole 64 "
+            f"MiB, twice that as the limit; CPU {ROUTER_CPU_S_PER_REQUEST * 1e3:g} ms a request + "
+            f"{ROUTER_CPU_S_PER_TOKEN * 1e6:g} us a token at {utilization:.0%}, at least {ROUTER_MIN_CPU:g} core")
     return Plan(
         shape=shape.name, quant=quant, ctx_size=settings.ctx_size, parallel=settings.parallel,
         cores=settings.n_threads, cache_type=cache_type, use_mmap=settings.use_mmap,
@@ -465,7 +574,9 @@ def make_plan(shape: Shape, *, quant: str, settings: Settings, weights_bytes: fl
         requests_cpu=str(settings.n_threads), capacity_rps_per_pod=None if capacity is None else round(capacity, 3),
         replicas=replicas, env=deploy_env(settings, cache_type, cache_ram_mib, model_path, embedding is not None,
                                           embedding_path),
-        assumptions=assumptions, notes=notes, embedding=share,
+        assumptions=assumptions, notes=notes, embedding=share, target_rps=target_rps,
+        cache_hit_share=cache_hit_share, prefill_s=None if prefill is None else round(prefill, 2),
+        router=None if pod is None else asdict(pod),
     )
 
 
@@ -592,13 +703,19 @@ def render(plan: Plan) -> str:
         lines += [f"embedding model {e['model']}: {e['memory_gib']} GiB of the {m['total']} GiB total "
                   f"({e['share']:.0%}), EMBEDDING_BATCH_SIZE={e['batch_size']}", ""]
     if plan.decode_tps is not None:
+        cached = f" ({plan.prefill_s} s with {plan.cache_hit_share:.0%} of the prompt cached)" \
+            if plan.cache_hit_share else ""
         lines += [
             f"decode: {plan.decode_tps} tok/s per stream alone, {plan.aggregate_tps} tok/s aggregate with "
-            f"{plan.parallel} streams; time to first token {plan.ttft_s} s",
+            f"{plan.parallel} streams; time to first token {plan.ttft_s} s{cached}",
             f"capacity: {plan.capacity_rps_per_pod} requests/s per pod" +
             (f"; replicas for the target: {plan.replicas}" if plan.replicas is not None else ""),
             "",
         ]
+        if plan.replicas is not None:
+            lines += [f"fleet: {plan.replicas} replica{'s' if plan.replicas > 1 else ''} for {plan.target_rps:g} "
+                      f"requests/s, {plan.cache_hit_share:.0%} of prompt tokens found cached" +
+                      (f", behind {plan.router['name']}" if plan.router else ""), ""]
     else:
         lines += ["speed: not predicted; add --calibrate to measure this machine (about 30 s)", ""]
     lines += [*plan.notes, "", "assumptions:", *(f"- {a}" for a in plan.assumptions), ""] if plan.notes else \
@@ -609,6 +726,17 @@ def render(plan: Plan) -> str:
         f"limits: {{cpu: \"{plan.requests_cpu}\", memory: {plan.limits_memory}}}}}",
         "  env: " + " ".join(f"{k}={v}" for k, v in plan.env.items()),
         "",
+    ]
+    r = plan.router
+    if r is not None:
+        at = "" if r["cpu_cores_at_target"] is None else f", {r['cpu_cores_at_target']:g} cores at the target"
+        lines += [
+            f"router pod ({r['name']}, one replica: {r['rss_mib']:g} MiB resident measured{at}):",
+            f"  resources: {{requests: {{cpu: {r['requests_cpu']}, memory: {r['requests_memory']}}}, "
+            f"limits: {{cpu: \"{r['limits_cpu']}\", memory: {r['limits_memory']}}}}}",
+            "",
+        ]
+    lines += [
         "the seed (transformers, LLaMA 2 7B): memory 8-16 GB, CPU 2-4 cores per pod",
     ]
     return "\n".join(lines)

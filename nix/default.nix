@@ -1,5 +1,6 @@
-# The Nix entry point: `nix-build nix -A llama-server` (the server, command `llama-inference`) and
-# `nix-build nix -A llama-model` (LLaMA 2 7B as Q4_K_M; see llama-model.nix for HF_TOKEN and the first-build hash).
+# The Nix entry point: `nix-build nix -A llama-server` (the server, command `llama-inference`),
+# `nix-build nix -A llama-model` (LLaMA 2 7B as Q4_K_M; see llama-model.nix for HF_TOKEN and the first-build hash),
+# and `nix-build nix -A vllm-router` (vLLM's router, the pinned PyPI wheel: the router pod's, k8s/overlays/vllm-router).
 #
 # nixpkgs is pinned by revision and hash (nixos-25.11 as of 2026-05-10): every dependency, the compiler included,
 # is the one this revision had, and a changed tarball fails the hash instead of building something else. Move
@@ -20,4 +21,5 @@ in
 {
   inherit llama-server;
   llama-model = pkgs.callPackage ./llama-model.nix { llama-inference = llama-server; };
+  vllm-router = pkgs.callPackage ./vllm-router.nix { };
 }

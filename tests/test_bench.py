@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 
 from benchmarks.loadgen import RequestResult, iter_sse_data, percentile, summarize
@@ -15,22 +23,27 @@ from benchmarks.planner import (
     EMBEDDING_MAX_SEQS,
     EMBEDDING_SHAPES,
     GIB,
+    HEADROOM,
+    ROUTER_RSS_BYTES,
     SHAPES,
     VOCAB_BYTES_PER_TOKEN,
     Calibration,
+    Plan,
     chat_model_embeds,
     embedding_from_gguf,
     gib_string,
     make_plan,
     predict_embedding_memory,
     predict_memory,
+    render,
+    router_pod,
 )
 from server.cli import build_parser, settings_from_args
 from server.engine.core import resolve_cache_type
 from server.engine.embedding import MAX_SEQS
 from server.model_files import embedded_model_path
 from server.settings import Settings
-from tests.conftest import REPO, LiveServer
+from tests.conftest import REPO, LiveServer, free_port
 from tests.embedding_model import convert_with_llama_cpp, minilm_checkpoint
 from tests.swa_model import write_swa_model
 
@@ -101,6 +114,175 @@ def test_planner_uses_rates_measured_on_the_target_model() -> None:
                      weights_bytes=4e9, calibration=calib)
     assert (plan.decode_tps, plan.aggregate_tps) == (5.5, 13.2)
     assert any("measured on this machine on llama.gguf with 2 threads" in a for a in plan.assumptions)
+
+
+def test_fleet_replicas_count_the_prefill_that_cache_hits_avoid() -> None:
+    """A request prefills only the (1 - share) of its prompt not found cached; the replicas for the target follow."""
+    calib = Calibration(bytes_per_second=25e9, flops_per_second=4e11, seconds_per_token_fixed=0.0,
+                        batch_speedup={1: 1.0, 2: 1.25}, threads=2)
+    settings = Settings(ctx_size=4096, parallel=2, n_threads=2)
+
+    def fleet(share: float, router: str | None = "vllm-router") -> Plan:
+        return make_plan(SHAPES["llama-2-7b"], quant="Q4_K_M", settings=settings, weights_bytes=4e9,
+                         calibration=calib, prompt_tokens=1000, output_tokens=200, target_rps=0.5,
+                         cache_hit_share=share, router=router)
+
+    cold, warm = fleet(0.0), fleet(0.8)
+    # By hand: prompts at 4e11 x 1.4 / (2 x 6,738,415,616) = 41.55 tok/s, so 1000 tokens prefill in 24.07 s; with
+    # 0.8 of them cached, 200 tokens in 4.81 s. 200 tokens at 6.25 tok/s aggregate (2 streams) take 32 s.
+    assert cold.ttft_s == warm.ttft_s == cold.prefill_s == 24.07
+    assert warm.prefill_s == 4.81
+    assert cold.capacity_rps_per_pod == 0.023  # 1 / (24.07 / 2 + 32) = 1 / 44.03
+    assert warm.capacity_rps_per_pod == 0.029  # 1 / (4.81 / 2 + 32) = 1 / 34.41
+    assert cold.replicas == 32  # ceil(0.5 / (0.02271 x 0.7)) = ceil(31.45)
+    assert warm.replicas == 25  # ceil(0.5 / (0.02906 x 0.7)) = ceil(24.58)
+    assert any("80% of prompt tokens found cached" in a and "prefills 200 of its 1000 prompt tokens: 4.81 s "
+               "instead of 24.07 s" in a for a in warm.assumptions)
+    assert any("the fleet tests found >= 0.9 of later turns' history cached" in a for a in warm.assumptions)
+    assert not any("cached" in a for a in cold.assumptions)
+    text = render(warm)
+    assert "time to first token 24.07 s (4.81 s with 80% of the prompt cached)" in text
+    assert "fleet: 25 replicas for 0.5 requests/s, 80% of prompt tokens found cached, behind vllm-router" in text
+    # 0.5 requests/s x (1.5 ms + 200 tokens x 5 us) = 0.00125 cores: the 0.1-core floor.
+    assert "router pod (vllm-router, one replica: 83 MiB resident measured, 0.00125 cores at the target):" in text
+    assert '  resources: {requests: {cpu: 100m, memory: 128Mi}, limits: {cpu: "1", memory: 256Mi}}' in text
+    # Cache hits without a router: a plain Service spreads the turns, and the plan says so.
+    assert any("a plain Service spreads" in n for n in fleet(0.8, router=None).notes)
+    with pytest.raises(ValueError, match="below 1"):
+        fleet(1.0)
+
+
+def test_router_pod_by_hand() -> None:
+    """vllm-router's pod, from its measured memory (83 MiB) and CPU (1.5 ms a request + 5 us a token)."""
+    idle = router_pod()
+    # 83 MiB x 1.15 = 95.5 MiB -> 128Mi (whole 64 MiB), twice that as the limit; CPU at its 0.1-core floor.
+    assert (idle.requests_memory, idle.limits_memory, idle.requests_cpu, idle.limits_cpu) == (
+        "128Mi", "256Mi", "100m", "1")
+    assert idle.rss_mib == 83 and idle.cpu_cores_at_target is None
+    light = router_pod(target_rps=10, output_tokens=200)  # 10 x (1.5 ms + 200 x 5 us) = 0.025 cores: the floor
+    assert light.cpu_cores_at_target == 0.025 and light.requests_cpu == "100m"
+    busy = router_pod(target_rps=50, output_tokens=1000)  # 50 x (1.5 ms + 5 ms) = 0.325 cores, / 0.7 = 0.46
+    assert busy.cpu_cores_at_target == 0.325 and busy.requests_cpu == "500m" and busy.requests_memory == "128Mi"
+    with pytest.raises(ValueError, match="unknown router"):
+        router_pod("nginx")
+
+
+def test_plan_takes_the_fleet_flags() -> None:
+    args = [sys.executable, "-m", "server", "plan", "--shape", "llama-2-7b"]
+    proc = subprocess.run([*args, "--cache-hit-share", "0.5", "--router", "vllm-router", "--json"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert plan["cache_hit_share"] == 0.5 and plan["replicas"] is None  # no --calibrate: no speed, no replicas
+    assert plan["router"] == {"name": "vllm-router", "rss_mib": 83.0, "cpu_cores_at_target": None,
+                              "requests_cpu": "100m", "requests_memory": "128Mi", "limits_cpu": "1",
+                              "limits_memory": "256Mi"}
+    for bad in ("1", "-0.1", "most"):
+        refused = subprocess.run([*args, "--cache-hit-share", bad], capture_output=True, text=True, timeout=60,
+                                 cwd=REPO)
+        assert refused.returncode == 2 and "--cache-hit-share" in refused.stderr, refused.stderr
+
+
+class StandInWorker(BaseHTTPRequestHandler):
+    """A worker as vllm-router sees one: 200 on its health routes, a streamed chat completion of CHUNKS chunks."""
+
+    protocol_version = "HTTP/1.1"
+    CHUNKS = 200
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        body = json.dumps({"load": 0} if self.path.startswith("/get_load") else {"status": "ok"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        events = [json.dumps({"object": "chat.completion.chunk", "choices": [
+            {"index": 0, "delta": {"content": f" t{i}"}, "finish_reason": None}]}) for i in range(self.CHUNKS)]
+        for event in [*events, "[DONE]"]:
+            data = f"data: {event}\n\n".encode()
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.write(b"0\r\n\r\n")
+
+
+@contextmanager
+def stand_in_workers(n: int) -> Iterator[list[str]]:
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), StandInWorker) for _ in range(n)]
+    for server in servers:
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield [f"http://127.0.0.1:{server.server_address[1]}" for server in servers]
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+
+
+ROUTER = Path(sys.executable).parent / "vllm-router"
+
+
+@pytest.mark.skipif(not ROUTER.exists() and shutil.which("vllm-router") is None,
+                    reason="vllm-router is not installed (the test extra pins it)")
+def test_the_planned_router_pod_holds_the_pinned_router() -> None:
+    """The router's memory as the planner's figure was measured (ROUTER_RSS_BYTES): the pinned vllm-router in
+    front of two stand-in workers, relaying 100 streams of 200 chunks 8 at a time with a session each, its resident
+    memory read every 50 ms. Its peak, with the planner's headroom, fits the pod's planned request."""
+    import psutil
+
+    with stand_in_workers(2) as workers:
+        port = free_port()
+        proc = subprocess.Popen([str(ROUTER if ROUTER.exists() else shutil.which("vllm-router")), "--host",
+                                 "127.0.0.1", "--port", str(port), "--policy", "sticky_least_loaded",
+                                 "--worker-urls", *workers, "--health-check-endpoint", "/ready",
+                                 "--health-check-interval-secs", "2"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url, peak, done = f"http://127.0.0.1:{port}", [0], threading.Event()
+        router = psutil.Process(proc.pid)
+
+        def sample() -> None:
+            while not done.is_set():
+                with_children = [router, *router.children(recursive=True)]
+                peak[0] = max(peak[0], sum(p.memory_info().rss for p in with_children))
+                time.sleep(0.05)
+
+        def stream(i: int) -> int:
+            with httpx.stream("POST", url + "/v1/chat/completions", headers={"X-Session-ID": f"s{i}"}, json={
+                    "model": "m", "stream": True, "messages": [{"role": "user", "content": "x " * 500}]},
+                    timeout=60) as resp:
+                return sum(1 for line in resp.iter_lines() if line.startswith("data:"))
+
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    if httpx.get(url + "/readiness", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.1)
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            with ThreadPoolExecutor(8) as pool:
+                counts = list(pool.map(stream, range(100)))
+            done.set()
+            sampler.join()
+        finally:
+            done.set()
+            proc.terminate()
+            proc.wait(10)
+    assert counts == [StandInWorker.CHUNKS + 1] * 100  # every chunk and [DONE] relayed
+    requested = int(router_pod().requests_memory.removesuffix("Mi")) * 2**20
+    assert peak[0] * HEADROOM <= requested, f"{peak[0] / 2**20:.1f} MiB resident"
+    assert peak[0] <= ROUTER_RSS_BYTES * 1.25, f"{peak[0] / 2**20:.1f} MiB: measure again, move ROUTER_RSS_BYTES"
 
 
 MINILM = EMBEDDING_SHAPES["all-minilm-l6-v2"]

@@ -1,5 +1,6 @@
 """Flox environments: complete (env.json as Flox writes it), manifests valid against Flox's schema, the runtime
-installing what the build publishes, and the runtime's hook and service really starting the server.
+installing what the build publishes, and the runtime's hook and service really starting the server; the router's
+environment installing the router package alone.
 
 As in tests/test_k8s.py, each check is a function; the mutation tests break a copy of flox/ and show it failing."""
 
@@ -44,7 +45,9 @@ SCHEMA = Path(os.environ.get("FLOX_MANIFEST_SCHEMA", REPO.parent / "shared" / "f
 # The runtime with an embedding model: owner/llama-runtime included, the embedding package and its settings added.
 EMBEDDINGS_ENV = FLOX / "llama-runtime-embeddings"
 RUNTIMES = [RUNTIME_ENV, EMBEDDINGS_ENV]
-ENVS = [BUILD_ENV, *RUNTIMES]
+# The router pod's (k8s/overlays/vllm-router): vllm-router alone.
+ROUTER_ENV = FLOX / "llama-router"
+ENVS = [BUILD_ENV, *RUNTIMES, ROUTER_ENV]
 needs_schema = pytest.mark.skipif(
     not SCHEMA.is_file(),
     reason=f"Flox's manifest schema is not at {SCHEMA} (it lives in ../shared/flox/ in CI; set FLOX_MANIFEST_SCHEMA "
@@ -122,6 +125,16 @@ def check_embedding_model_file(runtime: Path, build: Path) -> None:
     assert m["vars"]["EMBEDDING_MODEL_FILE"] == f"{name[1]}.{quant[1]}.gguf", m["vars"].get("EMBEDDING_MODEL_FILE")
     assert "owner/llama-embedding-model" in {spec["pkg-path"] for spec in m["install"].values()}
     assert EMBEDDING_SHAPES[name[1]].quant == quant[1]
+
+
+def check_router_environment(router: Path, build: Path) -> None:
+    """The router's environment installs one package, the router `flox build vllm-router` makes, and nothing of the
+    server's: no model, no settings, hook or service (the router's settings are its Deployment's arguments)."""
+    check_runtime_installs_what_the_build_publishes(router, build)
+    m = manifest(router)
+    assert [spec["pkg-path"].split("/", 1)[1] for spec in m["install"].values()] == ["vllm-router"], m["install"]
+    assert "vllm-router" in built_packages(build)
+    assert set(m) <= {"version", "install", "options"}, sorted(m)
 
 
 # What a caller's environment could set that decides who may connect; the activations here start without them.
@@ -296,7 +309,11 @@ def test_a_broken_manifest_is_caught_by_the_schema() -> None:
 def test_runtime_installs_what_the_build_publishes(runtime: Path) -> None:
     check_runtime_installs_what_the_build_publishes(runtime, BUILD_ENV)
     check_model_file(runtime, BUILD_ENV)
-    assert built_packages() == {"llama-server", "llama-model", "llama-embedding-model"}
+    assert built_packages() == {"llama-server", "llama-model", "llama-embedding-model", "vllm-router"}
+
+
+def test_router_environment_installs_the_router_alone() -> None:
+    check_router_environment(ROUTER_ENV, BUILD_ENV)
 
 
 def test_the_embedding_runtime_is_the_runtime_with_an_embedding_model() -> None:
@@ -377,6 +394,7 @@ def mutated(tmp_path: Path, path: str, old: str | None, new: str = "") -> Path:
 
 
 RUNTIME_MANIFEST = "llama-runtime/.flox/env/manifest.toml"
+ROUTER_MANIFEST = "llama-router/.flox/env/manifest.toml"
 EMBEDDINGS_MANIFEST = "llama-runtime-embeddings/.flox/env/manifest.toml"
 MUTATIONS: dict[str, tuple[str, str | None, str, Callable[[Path, Path], None]]] = {
     "missing env.json": ("llama-runtime/.flox/env.json", None, "",
@@ -432,6 +450,17 @@ MUTATIONS: dict[str, tuple[str, str | None, str, Callable[[Path, Path], None]]] 
         EMBEDDINGS_MANIFEST, '"owner/llama-embedding-model"', '"someone/llama-embedding-model"',
         lambda r, t: check_runtime_installs_what_the_build_publishes(r / "llama-runtime-embeddings",
                                                                      r / "llama-build")),
+    # The router's environment: the router package, alone.
+    "router package never built": (
+        "llama-build/.flox/pkgs/vllm-router.nix", None, "",
+        lambda r, t: check_router_environment(r / "llama-router", r / "llama-build")),
+    "the model in the router's environment": (
+        ROUTER_MANIFEST, 'vllm-router.pkg-path = "owner/vllm-router"\n',
+        'vllm-router.pkg-path = "owner/vllm-router"\nllama-model.pkg-path = "owner/llama-model"\n',
+        lambda r, t: check_router_environment(r / "llama-router", r / "llama-build")),
+    "the server's settings in the router's environment": (
+        ROUTER_MANIFEST, "[options]", '[vars]\nHOST = "0.0.0.0"\n\n[options]',
+        lambda r, t: check_router_environment(r / "llama-router", r / "llama-build")),
 }
 
 

@@ -1,11 +1,15 @@
 """More than one pod (k8s/overlays/inference-pool, k8s/overlays/vllm-router), as `kubectl kustomize` renders them:
 schema-valid (the InferencePool against its CRD's schema), passed by checkov, and consistent with the server's
-pods, port, probes, metrics and drain. The mutation tests break a copy on purpose and show each check failing."""
+pods, port, probes, metrics and drain; the router's pod runs a Flox environment that provides its command (the
+package nix/vllm-router.nix builds) and asks what the planner plans for it. The mutation tests break a copy on
+purpose and show each check failing."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -15,8 +19,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from benchmarks.planner import router_pod
 from server.metrics import Metrics
-from tests.deployment import REPO, drain_needed_s, kubectl, render
+from tests.deployment import REPO, built_packages, drain_needed_s, env_pointer, kubectl, manifest, memory_gib, render
 from tests.test_k8s import (
     CHECKOV,
     check_closed,
@@ -220,6 +225,56 @@ def check_router_reaches_server(docs: Docs) -> None:
     assert check_network_policy([named(docs, "Deployment", "vllm-router"), *policies]) == {"gateway", "monitoring"}
 
 
+@functools.cache
+def package_programs() -> dict[str, str]:
+    """The command of each package `flox build` makes for a router pod (meta.mainProgram), as Nix evaluates the
+    expression (tests/nix/router-summary.nix: nix/vllm-router.nix through flox/llama-build/.flox/pkgs)."""
+    if shutil.which("nix-instantiate") is None:
+        pytest.skip("Nix is not installed (`make install` installs Debian's nix-bin as root)")
+    summary_nix = REPO / "tests/nix/router-summary.nix"
+    proc = subprocess.run(["nix-instantiate", "--eval", "--strict", "--json", str(summary_nix), "--arg", "venv",
+                           json.dumps(str(REPO / ".venv"))], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["floxBuildIsTheSame"]
+    return {summary["pname"]: summary["mainProgram"]}
+
+
+def check_router_environment(docs: Docs, root: Path, programs: dict[str, str]) -> None:
+    """The router's pod names a Flox environment of this repository (owner/<env.json name>, optionally @N) that
+    installs only packages `flox build` defines, from the same owner: the router's, whose command is the
+    container's. Not the server's runtime, which would bring the model along and provide no router."""
+    pod = pod_of(docs, "vllm-router")
+    named_env = pod["metadata"]["annotations"]["flox.dev/environment"]
+    match = re.fullmatch(r"([^/@]+)/([^/@]+)(?:@\d+)?", named_env)
+    assert match, named_env
+    env_dir = root / "flox" / match[2]
+    assert (env_dir / ".flox" / "env.json").is_file(), f"no Flox environment {match[2]} in flox/"
+    assert env_pointer(env_dir)["name"] == match[2]
+    paths = [spec["pkg-path"] for spec in manifest(env_dir)["install"].values()]
+    assert {p.split("/")[0] for p in paths} == {match[1]}, (paths, named_env)
+    installed = {p.split("/", 1)[1] for p in paths}
+    assert installed <= built_packages(root / "flox" / "llama-build"), f"never built: {sorted(installed)}"
+    assert installed <= set(programs), f"{named_env} installs {sorted(installed)}, not only the router"
+    command = pod["spec"]["containers"][0]["command"][0]
+    assert command in {programs[p] for p in installed}, f"{command} is not the command of {sorted(installed)}"
+
+
+def cores(quantity: str) -> float:
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+def check_router_resources(docs: Docs) -> None:
+    """The router's pod asks at least what `plan --router vllm-router` plans (its measured memory with headroom,
+    its CPU floor), and its limits are at least the plan's."""
+    resources = pod_of(docs, "vllm-router")["spec"]["containers"][0]["resources"]
+    plan = router_pod()
+    for kind in ("requests", "limits"):
+        memory = getattr(plan, f"{kind}_memory")
+        assert memory_gib(resources[kind]["memory"]) >= memory_gib(memory), (kind, resources[kind], memory)
+        assert cores(resources[kind]["cpu"]) >= cores(getattr(plan, f"{kind}_cpu")), (kind, resources[kind])
+
+
 def served_series() -> set[str]:
     return {family.name for family in Metrics().registry.collect()}
 
@@ -281,6 +336,7 @@ def test_inference_pool_overlay_is_consistent(rendered: dict[str, Docs]) -> None
 def test_vllm_router_overlay_is_consistent(rendered: dict[str, Docs]) -> None:
     docs, settings = rendered[ROUTER], runtime_vars()
     check_router(docs, settings)
+    check_router_resources(docs)
     check_read_only_role(docs, "vllm-router")
     check_router_reaches_server(docs)
     base = server_docs(docs)
@@ -288,6 +344,16 @@ def test_vllm_router_overlay_is_consistent(rendered: dict[str, Docs]) -> None:
     for check in (check_grace_period, check_resources, check_settings_in_one_place):
         check(base, settings)
     check_closed(base, settings, (K8S / "README.md").read_text())
+
+
+def test_the_router_pod_runs_the_router_package(rendered: dict[str, Docs]) -> None:
+    """The Deployment's command resolves: its Flox environment (flox/llama-router) installs owner/vllm-router, the
+    package nix/vllm-router.nix builds from the pinned wheel (tests/test_nix.py checks its hash against PyPI's),
+    whose command is `vllm-router`."""
+    assert package_programs() == {"vllm-router": "vllm-router"}
+    check_router_environment(rendered[ROUTER], REPO, package_programs())
+    assert pod_of(rendered[ROUTER], "vllm-router")["metadata"]["annotations"]["flox.dev/environment"] == (
+        "owner/llama-router")
 
 
 def test_router_flags_parse_with_vllm_router(rendered: dict[str, Docs]) -> None:
@@ -341,6 +407,13 @@ def router(check: Callable[[Docs], None]) -> Callable[[Path], None]:
 
 def routed(docs: Docs) -> None:
     check_router(docs, runtime_vars())
+
+
+def router_env(root: Path) -> None:
+    check_router_environment(render(root / "k8s" / ROUTER), root, package_programs())
+
+
+ROUTER_MANIFEST = "flox/llama-router/.flox/env/manifest.toml"
 
 
 MUTATIONS: dict[str, tuple[str, str, str, Callable[[Path], None]]] = {
@@ -403,6 +476,24 @@ MUTATIONS: dict[str, tuple[str, str, str, Callable[[Path], None]]] = {
     "the server's pods refusing the router": (
         f"k8s/{ROUTER}/kustomization.yaml", "                  app: vllm-router", "                  app: router",
         router(check_router_reaches_server)),
+    "the router on the server's environment (the model, no router)": (
+        f"k8s/{ROUTER}/router.yaml", 'flox.dev/environment: "owner/llama-router"',
+        'flox.dev/environment: "owner/llama-runtime"', router_env),
+    "the router on an environment not in flox/": (
+        f"k8s/{ROUTER}/router.yaml", 'flox.dev/environment: "owner/llama-router"',
+        'flox.dev/environment: "owner/vllm-router"', router_env),
+    "the router environment without the router": (
+        ROUTER_MANIFEST, 'vllm-router.pkg-path = "owner/vllm-router"', 'llama-server.pkg-path = "owner/llama-server"',
+        router_env),
+    "the router environment installing a package never built": (
+        ROUTER_MANIFEST, '"owner/vllm-router"', '"owner/vllm-router-bin"', router_env),
+    "the router environment of another owner": (
+        ROUTER_MANIFEST, '"owner/vllm-router"', '"someone/vllm-router"', router_env),
+    "a router command the package does not provide": (
+        f"k8s/{ROUTER}/router.yaml", 'command: ["vllm-router"]', 'command: ["vllm-router-rs"]', router_env),
+    "a router pod asking less memory than it was measured to take": (
+        f"k8s/{ROUTER}/router.yaml", "              memory: 128Mi", "              memory: 64Mi",
+        router(check_router_resources)),
     "the server's pods open to this namespace": (
         f"k8s/{ROUTER}/kustomization.yaml", "            - namespaceSelector:\n                matchLabels:\n"
         "                  kubernetes.io/metadata.name: llama-vllm-router\n              podSelector:",

@@ -1,26 +1,34 @@
 """nix/*.nix: they parse, evaluate against a stand-in for nixpkgs (tests/nix/stand-in.nix says what it does and
 does not prove), and really build: the server package runs its install check (serve a GGUF, generate), the model
 package fetches from a loopback Hub, is checked against its hash, converts and quantizes, and its output refers
-to no other store path (`nix-store -q --references`)."""
+to no other store path (`nix-store -q --references`); the router package (vllm-router) pins the wheels PyPI serves,
+by URL and sha256, compared with what `pip download` fetches, and builds from them into a router that starts."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import importlib.metadata
 import json
 import os
 import re
 import shutil
 import subprocess
+import sys
+import time
 import tomllib
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from llama_cpp import Llama
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 from tests.hub_fixture import Hub, serve_hub
+from tests.test_bench import StandInWorker, stand_in_workers
 
 NIX_FILES = sorted((REPO / "nix").glob("*.nix")) + sorted((REPO / "flox").glob("*/.flox/pkgs/*.nix")) + sorted(
     (REPO / "tests/nix").glob("*.nix"))
@@ -58,7 +66,7 @@ def test_default_nix_pins_nixpkgs_and_exposes_both_packages() -> None:
                     r'sha256 = "([0-9a-z]{52})";', text)
     assert pin, "nixpkgs is not pinned by a full revision and a base-32 sha256"
     s = evaluate(REPO / "tests/nix/server-summary.nix", "--arg", "venv", VENV)
-    assert s["attributes"] == ["llama-model", "llama-server"] and s["mainProgram"] == "llama-inference"
+    assert s["attributes"] == ["llama-model", "llama-server", "vllm-router"] and s["mainProgram"] == "llama-inference"
 
 
 def test_llama_cpp_python_is_our_pin_built_portably() -> None:
@@ -230,3 +238,157 @@ def test_a_wrong_hash_fails_stage_one(tmp_path: Path, tiny_spm: Path) -> None:
             capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "hash mismatch" in proc.stderr and "got:" in proc.stderr
+
+
+# ---- the router package (vllm-router, the router pod's: flox/llama-router, k8s/overlays/vllm-router) ----
+
+ROUTER_SUMMARY = REPO / "tests/nix/router-summary.nix"
+PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+
+
+def router_summary() -> dict[str, object]:
+    return evaluate(ROUTER_SUMMARY, "--arg", "venv", VENV)
+
+
+def pinned_router() -> str:
+    """vllm-router's version in pyproject.toml's test extra: the router tests/test_fleet.py runs."""
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+    return next(d.split("==")[1] for d in extra if d.startswith("vllm-router=="))
+
+
+def platform_tag(wheel: str) -> str:
+    """The platform tag of a wheel's file name (name-version-python-abi-platform.whl)."""
+    return wheel.removesuffix(".whl").split("-")[-1]
+
+
+@dataclass
+class RouterWheel:
+    path: Path  # as `pip download` fetched it
+    url: str  # where PyPI's index says the file is
+    pypi_sha256: str  # the digest PyPI's index lists for it
+
+
+@pytest.fixture(scope="module")
+def router_wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RouterWheel]:
+    """Each system's wheel of the pinned vllm-router as pip finds it on PyPI: the file `pip download` fetches (for
+    that wheel's platform), and the URL and digest of pip's resolution report."""
+    directory = tmp_path_factory.mktemp("router-wheels")
+    wheels = router_summary()["wheels"]
+    assert isinstance(wheels, dict)
+    out: dict[str, RouterWheel] = {}
+    for system, wheel in sorted(wheels.items()):
+        requirement = f"vllm-router=={pinned_router()}"
+        platform = ["--only-binary=:all:", "--platform", platform_tag(Path(wheel["url"]).name)]
+        report = subprocess.run([*PIP, "install", "--quiet", "--dry-run", "--no-deps", "--ignore-installed",
+                                 "--target", str(directory / "unused"), "--report", "-", *platform, requirement],
+                                capture_output=True, text=True, timeout=300)
+        download = subprocess.run([*PIP, "download", "--quiet", "--no-deps", "-d", str(directory / system), *platform,
+                                   requirement], capture_output=True, text=True, timeout=600)
+        if report.returncode != 0 or download.returncode != 0:
+            pytest.skip(f"pip could not fetch {requirement} for {system} from PyPI (needs network): "
+                        f"{(report.stderr + download.stderr)[-500:]}")
+        info = json.loads(report.stdout)["install"][0]["download_info"]
+        (path,) = (directory / system).glob("*.whl")
+        out[system] = RouterWheel(path, info["url"], info["archive_info"]["hashes"]["sha256"])
+    return out
+
+
+def test_router_package_is_the_pinned_router_with_its_command() -> None:
+    s = router_summary()
+    assert s["pname"] == "vllm-router" and s["version"] == pinned_router() == importlib.metadata.version("vllm-router")
+    assert s["format"] == "wheel" and s["mainProgram"] == "vllm-router" and s["doCheck"] is True
+    assert s["floxBuildIsTheSame"], "flox/llama-build/.flox/pkgs/vllm-router.nix builds another router"
+    wheels = s["wheels"]
+    assert isinstance(wheels, dict) and sorted(wheels) == sorted(s["platforms"])  # type: ignore[arg-type]
+    # Every system the router's Flox environment is for has a wheel.
+    systems = tomllib.loads((REPO / "flox/llama-router/.flox/env/manifest.toml").read_text())["options"]["systems"]
+    assert set(systems) <= set(wheels), (systems, sorted(wheels))
+    for system, wheel in wheels.items():
+        name = Path(wheel["url"]).name
+        assert wheel["url"].startswith("https://files.pythonhosted.org/packages/"), wheel["url"]
+        assert name.startswith(f"vllm_router-{pinned_router()}-") and name.endswith(".whl"), name
+        assert system.split("-")[0] in platform_tag(name), (system, name)
+        assert re.fullmatch(r"[0-9a-f]{64}", wheel["sha256"]), wheel["sha256"]
+
+
+def test_router_package_pins_the_wheels_pip_downloads(router_wheels: dict[str, RouterWheel]) -> None:
+    """The .nix's URL and sha256 for each system are PyPI's for the pinned version: the sha256 of the very file
+    `pip download` fetched, the digest PyPI lists, and the URL pip resolves to."""
+    wheels = router_summary()["wheels"]
+    assert isinstance(wheels, dict)
+    for system, wheel in router_wheels.items():
+        pinned = wheels[system]
+        assert wheel.path.name == Path(pinned["url"]).name
+        assert hashlib.sha256(wheel.path.read_bytes()).hexdigest() == pinned["sha256"] == wheel.pypi_sha256
+        assert wheel.url == pinned["url"]
+
+
+def test_router_package_depends_on_what_the_wheel_requires(router_wheels: dict[str, RouterWheel]) -> None:
+    """nixpkgs' runtime-dependency check fails a wheel whose Requires-Dist the package does not list: each is."""
+    with zipfile.ZipFile(router_wheels["x86_64-linux"].path) as wheel:
+        metadata = wheel.read(f"vllm_router-{pinned_router()}.dist-info/METADATA").decode()
+    required = {re.split(r"[=<>!; \[]", line.split(":", 1)[1].strip(), maxsplit=1)[0].lower()
+                for line in metadata.splitlines() if line.startswith("Requires-Dist:") and "extra ==" not in line}
+    listed = router_summary()["dependencyNames"]
+    assert isinstance(listed, list) and required == {str(n).lower() for n in listed}, (required, listed)
+
+
+def build_router(root: Path, wheel_dir: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["nix-build", str(root / "tests/nix/vllm-router.nix"), "--no-out-link", *NIX_OPTS,
+                           "--arg", "venv", VENV, "--argstr", "wheelDir", str(wheel_dir)],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_router_package_builds_from_the_pinned_wheel_and_starts(router_wheels: dict[str, RouterWheel]) -> None:
+    """The wheel fetched at the pinned sha256 (Nix checks it), installed, its command's install check passed; the
+    installed router is the one the fleet tests run (the same Rust extension, byte for byte), and it starts and
+    relays a streamed chat completion from one of two workers named on its command line (stand-ins)."""
+    system = next(s for s in router_wheels if s.startswith(os.uname().machine))
+    proc = build_router(REPO, router_wheels[system].path.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = Path(proc.stdout.strip().splitlines()[-1])
+    command = out / "bin/vllm-router"
+    assert os.access(command, os.X_OK)
+    (extension,) = out.glob("lib/python*/site-packages/vllm_router_rs.abi3.so")
+    record = importlib.metadata.distribution("vllm-router").read_text("RECORD") or ""
+    listed = next(line.split(",")[1] for line in record.splitlines() if line.startswith("vllm_router_rs.abi3.so,"))
+    digest = base64.urlsafe_b64encode(hashlib.sha256(extension.read_bytes()).digest()).rstrip(b"=").decode()
+    assert listed == f"sha256={digest}", "the package's router is not the one the venv's vllm-router installed"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with stand_in_workers(2) as workers:
+        router = subprocess.Popen([str(command), "--host", "127.0.0.1", "--port", str(port), "--policy",
+                                   "sticky_least_loaded", "--worker-urls", *workers],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "HOME": "/tmp"})
+        try:
+            deadline, ready = time.monotonic() + 30, False
+            while time.monotonic() < deadline and router.poll() is None and not ready:
+                try:
+                    ready = httpx.get(url + "/readiness", timeout=1).status_code == 200
+                except httpx.TransportError:
+                    time.sleep(0.2)
+            assert ready, router.stderr.read().decode()[-2000:] if router.poll() is not None else "not ready"  # type: ignore[union-attr]
+            assert httpx.get(url + "/liveness", timeout=5).status_code == 200
+            with httpx.stream("POST", url + "/v1/chat/completions", json={
+                    "model": "m", "stream": True, "messages": [{"role": "user", "content": "Hi"}]}, timeout=30) as resp:
+                events = [line for line in resp.iter_lines() if line.startswith("data:")]
+            assert resp.status_code == 200 and len(events) == StandInWorker.CHUNKS + 1 and events[-1] == "data: [DONE]"
+        finally:
+            router.terminate()
+            router.wait(10)
+            if router.stderr:
+                router.stderr.close()
+
+
+def test_a_wrong_wheel_hash_fails_the_build(tmp_path: Path, router_wheels: dict[str, RouterWheel]) -> None:
+    """A wheel that is not the pinned one (here: the pin changed, the file not): Nix refuses it."""
+    system = next(s for s in router_wheels if s.startswith(os.uname().machine))
+    root = tmp_path / "repo"
+    for part in ("nix", "tests/nix", "flox/llama-build/.flox/pkgs"):
+        shutil.copytree(REPO / part, root / part)
+    expression = root / "nix/vllm-router.nix"
+    pinned = router_summary()["wheels"][system]["sha256"]  # type: ignore[index]
+    expression.write_text(expression.read_text().replace(pinned, "0" * 64, 1))
+    proc = build_router(root, router_wheels[system].path.parent)
+    assert proc.returncode != 0
+    assert "hash mismatch" in proc.stderr, proc.stderr[-3000:]
