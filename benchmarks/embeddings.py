@@ -11,9 +11,9 @@ Both servers get the same model, threads, batch size (logical and physical: an e
 and up to 64 inputs a decode (llama-server: 64 slots), and both answer OpenAI's ``/v1/embeddings``. Ours also serves
 its chat model beside (the embedded one, idle here); llama-server serves embeddings only. One client sends requests
 one after another: a request of 1, 16 or 64 short documents (~25 tokens) or 8 long ones (~450 tokens); the servers
-alternate request by request, each after a pause (``--pause``: both servers' threads idle). Reported: inputs/s and tokens/s (median over the rounds, and range), the ratio, and
-the resident memory our server gains with the embedding model (the same server started without it, measured in the
-same run).
+alternate request by request, each after a pause (``--pause``: both servers' threads idle). Reported: inputs/s and
+tokens/s (median over the rounds, and range), the ratio, and the resident memory our server gains with the
+embedding model (the same server started without it, measured in the same run).
 """
 
 from __future__ import annotations
