@@ -3,7 +3,7 @@
 Three views of the requests, kept apart: ``llama_http_requests_total{route,status,code}`` counts every API
 request by its HTTP answer (4xx included, with the error code); ``llama_requests_finished_total{finish_reason}``
 counts generations by how they ended (stop, length, cancelled, error); ``llama_requests_refused_total{reason}``
-counts the requests the engine turned away before they began (queue full, queue timeout). The README maps each
+counts the requests the engine turned away before they began (queue full, queue timeout). docs/operations.md maps each
 series to its ``vllm:*`` and ``llamacpp:*`` counterpart.
 """
 
