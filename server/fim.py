@@ -24,8 +24,6 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import llama_cpp
-
 from server.engine.core import EngineState
 from server.engine.llama import LlamaModel
 from server.errors import bad_request, unavailable
@@ -62,11 +60,9 @@ def fim_tokens(model: LlamaModel, what: str, param: str | None) -> FimTokens:
     if missing:
         raise bad_request(f"{what} needs fill-in-the-middle (FIM) tokens, and this model's vocabulary lacks them "
                           f"(missing {', '.join(missing)})", param=param, code="no_fim_tokens")
-    vocab = model.vocab
-    return FimTokens(pre=int(llama_cpp.llama_vocab_fim_pre(vocab)), suf=int(llama_cpp.llama_vocab_fim_suf(vocab)),
-                     mid=int(llama_cpp.llama_vocab_fim_mid(vocab)), rep=_optional(llama_cpp.llama_vocab_fim_rep(vocab)),
-                     sep=_optional(llama_cpp.llama_vocab_fim_sep(vocab)),
-                     bos=int(model.bos) if llama_cpp.llama_vocab_get_add_bos(vocab) else None)
+    fim = model.fim
+    return FimTokens(pre=int(fim["pre"]), suf=int(fim["suf"]), mid=int(fim["mid"]), rep=_optional(fim["rep"]),
+                     sep=_optional(fim["sep"]), bos=int(model.bos) if model.add_bos else None)
 
 
 @dataclass(frozen=True)

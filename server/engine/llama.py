@@ -100,6 +100,11 @@ class LlamaModel:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._ptr)
         self.bos = llama_cpp.llama_vocab_bos(self.vocab)
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))  # the tokenizer puts BOS first
+        # Fill-in-the-middle tokens (-1: none): prefix, suffix, middle, and the repository and file separators.
+        self.fim = {"pre": llama_cpp.llama_vocab_fim_pre(self.vocab), "suf": llama_cpp.llama_vocab_fim_suf(self.vocab),
+                    "mid": llama_cpp.llama_vocab_fim_mid(self.vocab), "rep": llama_cpp.llama_vocab_fim_rep(self.vocab),
+                    "sep": llama_cpp.llama_vocab_fim_sep(self.vocab)}
         self.eos = llama_cpp.llama_vocab_eos(self.vocab)
         # Built once: the engine thread and the event loop (chat formatting) both read them, lock-free.
         self._pieces: tuple[bytes, ...] = tuple(self._piece(t, special=False) for t in range(self.n_vocab))
@@ -139,10 +144,7 @@ class LlamaModel:
 
     def missing_fim_tokens(self) -> list[str]:
         """The GGUF keys of the fill-in-the-middle tokens (prefix, suffix, middle) this vocabulary lacks."""
-        tokens = {"tokenizer.ggml.fim_pre_token_id": llama_cpp.llama_vocab_fim_pre(self.vocab),
-                  "tokenizer.ggml.fim_suf_token_id": llama_cpp.llama_vocab_fim_suf(self.vocab),
-                  "tokenizer.ggml.fim_mid_token_id": llama_cpp.llama_vocab_fim_mid(self.vocab)}
-        return [key for key, token in tokens.items() if token < 0]
+        return [f"tokenizer.ggml.fim_{part}_token_id" for part in ("pre", "suf", "mid") if self.fim[part] < 0]
 
     def info(self) -> ModelInfo:
         desc = ctypes.create_string_buffer(256)
