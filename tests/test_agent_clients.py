@@ -60,7 +60,7 @@ def test_an_agent_calls_its_function_tool(server: LiveServer, api: str) -> None:
             return await Runner.run(agent, "What is the weather like in Paris today?", max_turns=2)
 
     result = asyncio.run(one_turn())
-    assert len(calls) == 1 and calls[0].strip(), calls  # called once, with a city the grammar let through
+    assert len(calls) == 1 and isinstance(calls[0], str), calls  # called once, its argument parsed (the model's words)
     assert result.final_output == f"It is sunny and 21 degrees in {calls[0]}."  # type: ignore[attr-defined]
 
 
