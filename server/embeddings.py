@@ -144,6 +144,8 @@ def _tokenize(embedder: Embedder, inputs: list[str] | list[list[int]], max_total
                 raise bad_request(f"{name} is not valid Unicode (it holds a lone surrogate)", param=name,
                                   code="invalid_value") from exc
             tokens = tuple(embedder.model.tokenize(item, add_special=True, parse_special=False))
+            if not tokens:  # a tokenizer that adds nothing and drops all of it (blanks): nothing to embed
+                raise bad_request(f"{name} holds no token once tokenized", param=name, code="invalid_value")
         else:
             if not item:
                 raise bad_request(f"{name} holds no token", param=name, code="invalid_value")

@@ -176,7 +176,6 @@ class Embedder:
                 handle.next_input += 1
             if handle.next_input < len(inputs):
                 break  # the next input does not fit: later requests wait their turn
-        cancelled = [h for h in self._waiting if h.cancelled]
         failed: list[EmbeddingHandle] = []
         if placed:
             started = time.perf_counter()
@@ -197,6 +196,7 @@ class Embedder:
             self.pace.observe(seconds, batch.n_tokens)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("embedding step: %d inputs, %d tokens: %.1f ms", len(placed), batch.n_tokens, seconds * 1000)
+        cancelled = [h for h in self._waiting if h.cancelled and h not in failed]  # after the decode: counted once
         done = [h for h in self._waiting
                 if not h.cancelled and h not in failed and h.next_input == len(h.request.inputs)]
         for handle in done:
