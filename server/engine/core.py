@@ -22,8 +22,10 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from server.engine.draft import DraftModel
 from server.engine.embedding import Embedder, EmbeddingHandle, EmbeddingRequest
@@ -220,33 +222,28 @@ class Engine:
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
         """Queue a request; raises :class:`EngineOverloaded` at once when slots and queue are full."""
         handle = RequestHandle(request=request, loop=loop or asyncio.get_running_loop(), wake_engine=self._wake)
-        with self._lock:
-            if self.state is not EngineState.READY or self._stopping or self.draining:
-                raise EngineNotReady(self.not_ready_reason())
-            if self._in_flight >= self.settings.parallel + self.settings.queue_size:
-                self.metrics.requests.labels(outcome="rejected").inc()
-                raise EngineOverloaded(
-                    f"all {self.settings.parallel} slots are busy and {self.settings.queue_size} requests wait"
-                )
-            if self._in_flight == 0:
-                self._busy_since = time.monotonic()
-            self._in_flight += 1
-            self._waiting.append(handle)
+        self._admit_in_flight(self._waiting.append, handle)
         handle.on_cancel = self._on_cancel
         self._wake.set()
         return handle
 
     def submit_embedding(self, request: EmbeddingRequest, loop: asyncio.AbstractEventLoop | None = None
                          ) -> EmbeddingHandle:
-        """Queue inputs for the embedding context; the same admission as :meth:`submit` (a request in flight
-        either way), raising :class:`EngineOverloaded` at once when it is full."""
+        """Queue inputs for the embedding context, under the same admission as :meth:`submit`."""
+        if self.embedder is None and self.state is EngineState.READY:
+            raise EngineNotReady("this server serves no embeddings")
         loop = loop or asyncio.get_running_loop()
         handle = EmbeddingHandle(request=request, loop=loop, future=loop.create_future())
+        self._admit_in_flight(self._embed_incoming.append, handle)
+        self._wake.set()
+        return handle
+
+    def _admit_in_flight(self, enqueue: Callable[[Any], None], handle: object) -> None:
+        """The one admission rule of every request, generation or embedding: a ready engine, not draining, and at
+        most PARALLEL + QUEUE_SIZE in flight (else :class:`EngineOverloaded` at once); ``enqueue`` under the lock."""
         with self._lock:
             if self.state is not EngineState.READY or self._stopping or self.draining:
                 raise EngineNotReady(self.not_ready_reason())
-            if self.embedder is None:
-                raise EngineNotReady("this server serves no embeddings")
             if self._in_flight >= self.settings.parallel + self.settings.queue_size:
                 self.metrics.requests.labels(outcome="rejected").inc()
                 raise EngineOverloaded(
@@ -255,9 +252,7 @@ class Engine:
             if self._in_flight == 0:
                 self._busy_since = time.monotonic()
             self._in_flight += 1
-            self._embed_incoming.append(handle)
-        self._wake.set()
-        return handle
+            enqueue(handle)
 
     def _on_cancel(self, handle: RequestHandle) -> None:
         """From the caller's thread: a request whose prompt is being prefilled right now stops that step."""
