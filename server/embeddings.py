@@ -17,6 +17,7 @@ import numpy as np
 from server.engine.core import Engine, EngineNotReady, EngineOverloaded, EngineState
 from server.engine.embedding import Embedder, EmbeddingFailed, EmbeddingHandle, EmbeddingRequest
 from server.errors import APIError, bad_request, overloaded, unavailable
+from server.prompt_limits import utf8_size
 from server.settings import Settings
 
 # Work small enough to do on the event loop rather than pay a worker thread's hop for (a request's whole
@@ -138,11 +139,7 @@ def _tokenize(embedder: Embedder, inputs: list[str] | list[list[int]], max_total
         if isinstance(item, str):
             if not item:
                 raise bad_request(f"{name} is empty", param=name, code="invalid_value")
-            try:
-                item.encode("utf-8")  # the tokenizer would pass a lone surrogate's bytes on
-            except UnicodeEncodeError as exc:
-                raise bad_request(f"{name} is not valid Unicode (it holds a lone surrogate)", param=name,
-                                  code="invalid_value") from exc
+            utf8_size(item, name, name)
             tokens = tuple(embedder.model.tokenize(item, add_special=True, parse_special=False))
             if not tokens:  # a tokenizer that adds nothing and drops all of it (blanks): nothing to embed
                 raise bad_request(f"{name} holds no token once tokenized", param=name, code="invalid_value")

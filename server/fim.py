@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from server.engine.core import EngineState
 from server.engine.llama import LlamaModel
 from server.errors import bad_request, unavailable
-from server.prompt_limits import refuse_oversized
+from server.prompt_limits import refuse_oversized, utf8_size
 from server.serving import GenerationService
 
 # What llama-server writes where it has no input for it (its "TODO: make project name an input").
@@ -115,11 +115,7 @@ async def fim_prompt(service: GenerationService, text: FimText, *, what: str = "
     fim = fim_tokens(model, what, param)
     n_bytes = 0
     for name, part in text.parts():
-        try:
-            n_bytes += len(part.encode("utf-8"))
-        except UnicodeEncodeError as exc:
-            raise bad_request(f"the {name} is not valid Unicode (it holds a lone surrogate)", param=name,
-                              code="invalid_value") from exc
+        n_bytes += utf8_size(part, name)
     refuse_oversized(n_bytes, await service.vocab_facts(), service.engine.slot_ctx, param=text.prefix_param)
     return await asyncio.to_thread(assemble, model, fim, text,
                                    parse_special_prompt=service.settings.allow_special_tokens)

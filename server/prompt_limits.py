@@ -14,6 +14,17 @@ from server.engine.llama import LlamaModel
 from server.errors import APIError, bad_request
 
 
+def utf8_size(text: str, param: str, label: str | None = None) -> int:
+    """The UTF-8 bytes of a client's text, or a 400 when it cannot be encoded: a lone surrogate (JSON's
+    ``"\\ud800"``), whose bytes the tokenizer would otherwise pass on. ``label`` names it in the message (default:
+    "the ``param``")."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise bad_request(f"{label or 'the ' + param} is not valid Unicode (it holds a lone surrogate)", param=param,
+                          code="invalid_value") from exc
+
+
 @dataclass(frozen=True)
 class VocabFacts:
     longest_token_bytes: int  # with control tokens rendered as their text

@@ -20,7 +20,7 @@ from server.engine.core import Engine, EngineNotReady, EngineOverloaded, EngineS
 from server.engine.sampling import SamplingParams, grammar_parses
 from server.engine.types import ErrorEvent, Event, FinalEvent, GenerationRequest, RequestHandle, TokenEvent
 from server.errors import APIError, bad_request, overloaded, unavailable
-from server.prompt_limits import VocabFacts, measure_vocab, refuse_control_tokens, refuse_oversized
+from server.prompt_limits import VocabFacts, measure_vocab, refuse_control_tokens, refuse_oversized, utf8_size
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -63,11 +63,7 @@ class GenerationService:
         """Tokenize off the event loop (a long prompt takes a while). Control-token text stays plain text
         unless the server allows special tokens (``parse_special`` None) or the caller says. A text too long for
         the context whatever its tokens is refused first, without tokenizing it."""
-        try:
-            n_bytes = len(text.encode("utf-8"))
-        except UnicodeEncodeError as exc:
-            raise bad_request(f"the {param} is not valid Unicode (it holds a lone surrogate)", param=param,
-                              code="invalid_value") from exc
+        n_bytes = utf8_size(text, param)
         refuse_oversized(n_bytes, await self.vocab_facts(), self.engine.slot_ctx, param=param)
         special = self.settings.allow_special_tokens if parse_special is None else parse_special
         try:
@@ -82,11 +78,7 @@ class GenerationService:
         messages hold is checked first; the rendering (tool definitions and calls included) is refused before it
         is tokenized when it could not fit in a slot's context."""
         for i, message in enumerate(messages):
-            try:
-                (message.get("content") or "").encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise bad_request("message content is not valid Unicode (it holds a lone surrogate)",
-                                  param=f"messages.{i}.content", code="invalid_value") from exc
+            utf8_size(message.get("content") or "", f"messages.{i}.content", "message content")
         facts = await self.vocab_facts()
         contents = (message.get("content") for message in messages)
         refuse_oversized(sum(len(c.encode("utf-8")) for c in contents if isinstance(c, str)), facts,
